@@ -50,3 +50,18 @@ def check_divides(field: str, divisor: int, dividend_name: str, dividend: int) -
     """``divisor`` (the field) must divide ``dividend`` (a named size of the model or world)."""
     if divisor <= 0 or dividend % divisor != 0:
         raise ConfigError(field, divisor, f"must divide {dividend_name}={dividend}")
+
+
+def check_int(
+    field: str,
+    value: int,
+    *,
+    ge: int | None = None,
+    gt: int | None = None,
+    le: int | None = None,
+    lt: int | None = None,
+) -> None:
+    """Like ``check_range``, and ``value`` must be an int: not a bool, not a float such as 2.0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, value, "must be an int")
+    check_range(field, value, ge=ge, gt=gt, le=le, lt=lt)

@@ -1,0 +1,68 @@
+"""score_batch: rewards run in killable worker processes; failures cost one sample, not the batch."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import pickle
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from rlcore.rewards import math_reward, score_batch
+from rlcore.validation import ConfigError
+
+
+@pytest.fixture
+def fixtures(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The misbehaving rewards, importable by name here and (through sys.path) in workers."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    return importlib.import_module("rlcore_scoring_fixtures")
+
+
+def test_hangs_and_errors_are_isolated(fixtures: ModuleType,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    completions = ["1", "hang", "raise", "2", "die", "nan", "3", "hang", "4", "5"]
+    answers = ["1", "x", "x", "9", "x", "x", "3", "x", "4", "5"]
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="rlcore.reward_scoring"):
+        rewards, metrics = score_batch(fixtures.misbehaving_reward, completions, answers, timeout_s=0.5,
+                                       max_workers=2)
+    elapsed = time.monotonic() - start
+    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    assert metrics["reward_timeouts"] == 2
+    assert metrics["reward_errors"] == 3  # raise, die, nan
+    assert elapsed < 20  # the hanging rewards sleep 60 s each: they were killed
+    assert "ValueError: reward exploded" in caplog.text
+
+
+def test_many_samples_keep_their_order_and_run_in_other_processes(fixtures: ModuleType) -> None:
+    completions = [str(i) for i in range(40)]
+    answers = [str(i if i % 3 else -1) for i in range(40)]
+    rewards, metrics = score_batch(math_reward, completions, answers, timeout_s=5.0, max_workers=3)
+    assert rewards == [float(i % 3 != 0) for i in range(40)]
+    assert metrics["reward_errors"] == metrics["reward_timeouts"] == 0
+    pids, _ = score_batch(fixtures.pid_reward, ["a"] * 4, ["a"] * 4, timeout_s=5.0, max_workers=2)
+    assert os.getpid() not in pids and 1 <= len(set(pids)) <= 2
+
+
+def test_empty_batch_starts_nothing() -> None:
+    rewards, metrics = score_batch(math_reward, [], [], timeout_s=1.0, max_workers=2)
+    assert rewards == [] and metrics["reward_errors"] == 0 and metrics["reward_timeouts"] == 0
+
+
+def test_unpicklable_reward_fails_fast() -> None:
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        score_batch(lambda completion, answer: 1.0, ["a"], ["a"], timeout_s=1.0, max_workers=1)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match=r"score_batch\.timeout_s=0"):
+        score_batch(math_reward, ["1"], ["1"], timeout_s=0, max_workers=1)
+    with pytest.raises(ConfigError, match=r"score_batch\.max_workers=0"):
+        score_batch(math_reward, ["1"], ["1"], timeout_s=1.0, max_workers=0)
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        score_batch(math_reward, ["1", "2"], ["1"], timeout_s=1.0, max_workers=1)
