@@ -1,0 +1,253 @@
+"""The training fleet's engine: one megatron-core model shard per rank, log-probs, updates.
+
+Constructed on every rank after ``torch.distributed`` is initialised (Ray trainers do it
+themselves; ``parallel.launch`` and torchrun work too). Every rank is called with the same
+arguments, and every rank returns the same results.
+
+Batch convention (trainers rely on it). A batch is a dict of tensors whose first dim is the
+batch B, the same full global batch on every rank:
+
+- ``input_ids``: LongTensor [B, T], right-padded (prompt + response, then padding);
+- ``attention_mask``: [B, T], 1 on real tokens; only its row lengths are used: attention is
+  causal, so right padding never reaches a real token (and MoE routing is dropless);
+- ``loss_mask``: [B, T], 1 on the tokens the loss counts (response tokens);
+- anything else [B, ...] (advantages, old log-probs, ...) travels with its rows to
+  ``loss_fn``.
+
+Log-probs are aligned with ``input_ids``: ``out[:, t] = log p(input_ids[:, t] |
+input_ids[:, <t])`` under logits / temperature, ``out[:, 0] = 0`` (``parallel.logprobs``).
+Positions past a row's length hold values that mean nothing; mask them.
+
+Internally: rows are split over DP ranks (contiguous, as even as possible), each rank's rows
+into micro-batches of ``micro_batch_size`` (the last one padded with dummy rows that no
+result or loss sees), the sequence trimmed to the longest row and padded to a multiple of
+TP (sequence parallelism splits it), and micro-batches run through megatron's pipeline
+schedule. Results are summed over the world from their owners (last pipeline stage, TP
+rank 0, each DP rank its rows), so every rank returns the full [B, T].
+
+``forward_backward(batch, loss_fn)`` contract: ``loss_fn(logprobs [b, T], micro_batch)
+-> (loss, metrics)`` is called once per micro-batch on the last pipeline stage; the
+micro-batch dict carries its rows of the batch plus ``global_num_tokens`` (sum of
+``loss_mask`` over the whole batch) and ``global_num_seqs`` (B). The gradient is that of the
+SUM of ``loss`` over all micro-batches on all DP ranks, so normalising by the global counts
+makes the result independent of DP size and micro-batch split. Returned metrics (and
+``loss``) are likewise summed over micro-batches and DP ranks.
+
+Around the engine: ``engine.model`` is this rank's megatron ``GPTModel`` stage (LoRA
+functions of ``parallel.lora`` / ``parallel.adapter_io`` take it, with ``engine.arch`` and
+``engine.hf_config``); ``engine.torch_optimizer`` the AdamW whose state ``save_adapter_state``
+/ ``load_adapter_state`` write and restore (sharded, one file per rank, any layout on
+resume). Reference log-probs for a KL penalty are the base model's:
+``with parallel.lora.adapter_enabled(engine.model, False): engine.compute_logprobs(batch)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from parallel.arch import build_model, get_arch
+from parallel.checkpoint import export_hf_state_dict, load_hf_checkpoint
+from parallel.logprobs import token_entropy, token_logprobs
+from parallel.optim import AdamWSettings, ShardedAdamW
+from parallel.topology import ParallelConfig, init_parallel, validate_layout
+
+ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def _inject_lora(model: torch.nn.Module, lora_cfg) -> None:
+    try:
+        from parallel.lora import inject_lora
+    except ImportError as err:  # the LoRA part lands separately
+        raise NotImplementedError("LoRA requested but parallel.lora.inject_lora is not available") from err
+    inject_lora(model, lora_cfg)
+
+
+@dataclass
+class _MicroBatch:
+    rows: torch.Tensor  # indices into the global batch; -1 marks a padding row
+    data: dict  # the micro-batch's tensors, padded to micro_batch_size rows and seq_len
+    num_real: int
+    seq_keys: frozenset  # keys of the [b, T, ...] tensors (trimmed/padded to seq_len)
+
+
+class TrainingEngine:
+    """A megatron-core model shard with log-probs, forward/backward and an AdamW step."""
+
+    def __init__(self, hf_model_dir: str, parallel: ParallelConfig, lora=None, seed: int = 0,
+                 micro_batch_size: int = 1):
+        from megatron.core import parallel_state as ps
+        from transformers import AutoConfig
+
+        if not dist.is_initialized():
+            raise RuntimeError("TrainingEngine needs an initialised torch.distributed")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
+        self.hf_config = AutoConfig.from_pretrained(hf_model_dir)
+        self.arch = get_arch(self.hf_config)
+        validate_layout(parallel, dist.get_world_size(), self.arch.model_dims(self.hf_config))
+        init_parallel(parallel, seed)
+        self.parallel = parallel
+        self.micro_batch_size = micro_batch_size
+        self.model = build_model(self.arch, self.hf_config, parallel)
+        # Sum semantics: megatron's schedule must not divide a loss by token or micro-batch counts.
+        self.model.config.calculate_per_token_loss = True
+        load_hf_checkpoint(self.model, hf_model_dir, self.arch, self.hf_config)
+        if lora is not None:
+            _inject_lora(self.model, lora)
+        self.optimizer = ShardedAdamW(list(self.model.named_parameters()))
+        self._dp_rank = ps.get_data_parallel_rank()
+        self._dp_size = ps.get_data_parallel_world_size()
+        self._is_owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    # ---- batching -------------------------------------------------------------------------
+    def _micro_batches(self, batch: dict) -> tuple[list[_MicroBatch], int]:
+        """This DP rank's micro-batches and the padded sequence length they share.
+
+        Every rank runs the same number of micro-batches of the same shape, padding with
+        dummy rows: expert-parallel groups span DP ranks and must meet in every collective.
+        """
+        num_rows, width = batch["input_ids"].shape
+        tp, mbs = self.parallel.tp, self.micro_batch_size
+        longest = int(batch["attention_mask"].sum(1).max())
+        seq_len = max(tp, _ceil_div(longest, tp) * tp)
+        mine = torch.tensor_split(torch.arange(num_rows), self._dp_size)[self._dp_rank]
+        count = _ceil_div(_ceil_div(num_rows, self._dp_size), mbs)  # as for the largest DP share
+        rows_all = torch.cat([mine, mine.new_full((count * mbs - len(mine),), -1)])
+        out = []
+        for rows in rows_all.split(mbs):
+            data, seq_keys = {}, set()
+            for key, value in batch.items():
+                if not (torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == num_rows):
+                    continue
+                taken = value[rows.clamp(min=0)] * (rows >= 0).view(-1, *[1] * (value.dim() - 1)).to(value.dtype)
+                if value.dim() >= 2 and value.shape[1] == width:
+                    taken = _fit_length(taken, seq_len)
+                    seq_keys.add(key)
+                data[key] = taken
+            out.append(_MicroBatch(rows, data, int((rows >= 0).sum()), frozenset(seq_keys)))
+        return out, seq_len
+
+    def _run(self, micro_batches, seq_len, loss_func, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            ids = mb.data["input_ids"]
+            positions = torch.arange(seq_len).expand_as(ids)
+            return model(ids, positions, None), partial(loss_func, mb)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
+            num_microbatches=len(micro_batches), seq_length=seq_len,
+            micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+
+    def _gather_rows(self, micro_batches, per_mb: list[torch.Tensor], shape) -> torch.Tensor:
+        """Sums every owner's rows into a full [B, T] tensor on all ranks."""
+        full = torch.zeros(shape, dtype=torch.float32)
+        if self._is_owner:
+            for mb, values in zip(micro_batches, per_mb):
+                width = min(shape[1], values.shape[1])
+                full[mb.rows[: mb.num_real], :width] = values[: mb.num_real, :width].float()
+        dist.all_reduce(full)
+        return full
+
+    # ---- public API -----------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
+        """[B, T] log-probs (and entropy if asked) of ``batch['input_ids']``; see module docstring."""
+        self.model.eval()
+        micro_batches, seq_len = self._micro_batches(batch)
+
+        def loss_func(mb, logits):
+            out = {"logprobs": token_logprobs(logits, mb.data["input_ids"], temperature)}
+            if with_entropy:
+                out["entropy"] = token_entropy(logits, temperature)
+            return logits.new_zeros(()), torch.tensor(0), out
+
+        stored = self._run(micro_batches, seq_len, loss_func, forward_only=True)
+        shape = tuple(batch["input_ids"].shape)
+        logprobs = self._gather_rows(micro_batches, [s["logprobs"] for s in stored], shape)
+        if not with_entropy:
+            return logprobs
+        return logprobs, self._gather_rows(micro_batches, [s["entropy"] for s in stored], shape)
+
+    def forward_backward(self, batch: dict, loss_fn, temperature: float = 1.0) -> dict[str, float]:
+        """Accumulates gradients of the summed ``loss_fn`` over the batch; returns summed metrics."""
+        self.model.train()
+        micro_batches, seq_len = self._micro_batches(batch)
+        totals = {"global_num_tokens": batch["loss_mask"].sum(), "global_num_seqs": batch["input_ids"].shape[0]}
+        full_len = batch["input_ids"].shape[1]
+
+        def loss_func(mb, logits):
+            n = mb.num_real
+            if n == 0:  # a padding micro-batch: backward still runs (its collectives must match)
+                return logits.sum() * 0.0, torch.tensor(0), {}
+            logprobs = _fit_length(token_logprobs(logits, mb.data["input_ids"], temperature)[:n], full_len)
+            rows = {k: _fit_length(v[:n], full_len) if k in mb.seq_keys else v[:n] for k, v in mb.data.items()}
+            loss, metrics = loss_fn(logprobs, {**rows, **totals})
+            metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                       for k, v in {"loss": loss, **metrics}.items()}
+            return loss, torch.tensor(n), metrics
+
+        stored = self._run(micro_batches, seq_len, loss_func, forward_only=False)
+        return self._sum_metrics(stored)
+
+    def _sum_metrics(self, stored: list[dict]) -> dict[str, float]:
+        """Sums micro-batch metrics over micro-batches and DP ranks, and shares them with every rank."""
+        local: dict[str, float] = {}
+        if self._is_owner:
+            for metrics in stored:
+                for k, v in metrics.items():
+                    local[k] = local.get(k, 0.0) + v
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        total: dict[str, float] = {}
+        for metrics in gathered:
+            for k, v in metrics.items():
+                total[k] = total.get(k, 0.0) + v
+        return total
+
+    def optim_step(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                   grad_clip: float | None = 1.0) -> dict[str, float]:
+        """Reduces gradients, clips by the global norm, steps AdamW; returns ``grad_norm`` etc."""
+        return self.optimizer.step(AdamWSettings(lr, tuple(betas), eps, weight_decay, grad_clip))
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    # ---- state ----------------------------------------------------------------------------
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW over this rank's trainable shards (state exists only for them)."""
+        return self.optimizer.optimizer
+
+    def save_adapter_state(self, out_dir) -> None:
+        """Adapter slices + optimizer state, one file per rank (``parallel.adapter_io``); collective."""
+        from parallel.adapter_io import save_adapter_state
+
+        save_adapter_state(self.model, self.torch_optimizer, out_dir)
+
+    def load_adapter_state(self, in_dir) -> None:
+        """Restores ``save_adapter_state`` files, on any layout (``parallel.adapter_io``)."""
+        from parallel.adapter_io import load_adapter_state
+
+        load_adapter_state(self.model, self.torch_optimizer, in_dir)
+
+    def export_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's weights in HF names on global rank 0 (``{}`` elsewhere); collective."""
+        return export_hf_state_dict(self.model, self.arch, self.hf_config)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fit_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Trims or zero-pads dim 1 of ``x`` to ``length``."""
+    if x.shape[1] >= length:
+        return x[:, :length]
+    return torch.cat([x, x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))], dim=1)

@@ -1,0 +1,171 @@
+"""One vLLM engine behind a Ray actor: sampling with log-probs, and in-place weight updates.
+
+The engine core runs inside the actor's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+rather than in a child process vLLM would spawn. One process per engine means that killing
+the actor stops the engine with nothing left behind, that weight updates reach the model
+without crossing a process boundary, and that the start is shorter (no second interpreter).
+
+Weights change in two ways (see ``rollout.sync``, which stages the files):
+- ``merged``: a safetensors file of the full model in HF checkpoint names is loaded in place
+  by every worker (``collective_rpc`` of ``rollout.worker_extension``, vLLM's
+  ``reload_weights`` plus a fix for CPU MoE layers); the prefix cache is then cleared, or
+  prompts cached under the old weights would keep their stale KV entries;
+- ``adapter``: a PEFT folder becomes a new vLLM LoRA (one id per policy version) that every
+  later request uses; the previous adapter is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from rollout.config import EngineConfig, SamplingConfig
+from rollout.samples import Completion, SampleGroup
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """New policy weights staged on disk for the engines: ``method`` as in weight_sync."""
+
+    method: str  # "merged": a folder with model.safetensors; "adapter": a PEFT folder
+    path: str
+    version: int  # the policy version the samples drawn after this update will carry
+
+
+def vllm_engine_args(config: EngineConfig) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for ``config`` (also used by the benchmark)."""
+    args: dict[str, Any] = dict(
+        model=config.model,
+        dtype=config.dtype,
+        tensor_parallel_size=config.tensor_parallel_size,
+        seed=config.seed,
+        enforce_eager=config.enforce_eager,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        max_num_seqs=config.max_num_seqs,
+        enable_return_routed_experts=config.enable_return_routed_experts,
+        # The log-probs of the distribution tokens are sampled from (after temperature),
+        # which is what importance ratios against the trainer need.
+        logprobs_mode="processed_logprobs",
+        # Adds reload_hf_weights to every worker (merged sync; see rollout.worker_extension).
+        worker_extension_cls="rollout.worker_extension.WeightReloadExtension",
+    )
+    if config.max_model_len is not None:
+        args["max_model_len"] = config.max_model_len
+    if config.kv_cache_gib is not None:
+        args["kv_cache_memory_bytes"] = int(config.kv_cache_gib * GIB)
+    if config.weight_sync == "adapter":
+        args.update(enable_lora=True, max_loras=1, max_lora_rank=config.max_lora_rank)
+    return args
+
+
+def set_engine_environment(config: EngineConfig) -> None:
+    """Environment vLLM reads at engine start; this process exists to host the engine."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if config.enable_return_routed_experts:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+
+
+class RolloutEngine:
+    """A vLLM engine loaded from an HF checkpoint; methods are called through Ray."""
+
+    def __init__(self, config: EngineConfig, index: int):
+        set_engine_environment(config)
+        from vllm import LLM
+
+        self.config = config
+        self.index = index
+        self.version = 0
+        self._lora = None  # the LoRARequest of the current adapter (adapter sync only)
+        self.llm = LLM(**vllm_engine_args(config))
+
+    def info(self) -> dict[str, int]:
+        """Answers once the engine is up: the fleet waits on it with a timeout."""
+        return {"index": self.index, "pid": os.getpid(), "version": self.version}
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        sampling: SamplingConfig,
+        seeds: list[int | None],
+    ) -> list[SampleGroup]:
+        """n completions of each prompt, seeded per prompt with vLLM seeds (rollout.seeding)."""
+        from vllm import SamplingParams
+
+        if len(seeds) != len(prompt_token_ids):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompt_token_ids)} prompts")
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_tokens,
+                stop=list(sampling.stop),
+                stop_token_ids=list(sampling.stop_token_ids),
+                seed=seed,
+                logprobs=0,  # only the sampled token's log-prob
+            )
+            for seed in seeds
+        ]
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+        version = self.version
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
+        return [
+            SampleGroup(
+                prompt_token_ids=list(output.prompt_token_ids),
+                completions=[self._completion(c, len(output.prompt_token_ids), version)
+                             for c in sorted(output.outputs, key=lambda c: c.index)],
+            )
+            for output in outputs
+        ]
+
+    def _completion(self, output, prompt_tokens: int, version: int) -> Completion:
+        token_ids = list(output.token_ids)
+        return Completion(
+            token_ids=token_ids,
+            logprobs=[position[token].logprob for token, position in zip(token_ids, output.logprobs)],
+            text=output.text,
+            finish_reason=output.finish_reason,
+            stop_reason=output.stop_reason,
+            prompt_tokens=prompt_tokens,
+            policy_version=version,
+            engine_index=self.index,
+            routed_experts=output.routed_experts,
+        )
+
+    def load_weights(self, update: WeightUpdate) -> float:
+        """Applies ``update``; returns the seconds it took inside the engine."""
+        if update.method != self.config.weight_sync:
+            raise ValueError(f"engine {self.index} was started for weight_sync="
+                             f"{self.config.weight_sync!r}, got a {update.method!r} update")
+        start = time.perf_counter()
+        if update.method == "merged":
+            self.llm.collective_rpc("reload_hf_weights", args=(update.path,))
+            self.llm.reset_prefix_cache()
+        else:
+            from vllm.lora.request import LoRARequest
+
+            # load_inplace: a retried push of a version this engine already holds reloads it.
+            lora = LoRARequest(f"policy-v{update.version}", update.version, update.path,
+                               load_inplace=True)
+            self.llm.llm_engine.add_lora(lora)
+            if self._lora is not None and self._lora.lora_int_id != lora.lora_int_id:
+                self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            self._lora = lora
+        self.version = update.version
+        return time.perf_counter() - start
+
+    def loaded_adapters(self) -> list[int]:
+        """LoRA ids vLLM holds (adapter sync keeps exactly the current one)."""
+        return sorted(self.llm.llm_engine.list_loras())
+
+
+RolloutEngineActor = ray.remote(RolloutEngine)

@@ -1,0 +1,189 @@
+"""Several engine actors behind one object: sharded generation, weight updates, restarts.
+
+Prompts are split into contiguous shards, one per engine; the n completions of a prompt are
+sampled by one engine in one request (a GRPO group never straddles engines), and results
+come back in prompt order. Every wait on an engine is bounded: a dead engine surfaces as an
+``EngineError`` that names it (index, actor id, Ray's error), a stuck one as the same error
+once ``call_timeout_s`` has passed. ``restart_engine(i)`` puts a fresh engine in place and
+re-applies the weights the rest of the fleet runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import ray
+from ray.exceptions import RayError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rollout.config import RolloutConfig, SamplingConfig
+from rollout.engine import RolloutEngineActor, WeightUpdate
+from rollout.samples import SampleGroup
+from rollout.seeding import prompt_seeds
+
+
+class EngineError(RuntimeError):
+    """An engine failed or did not answer in time; names the engine and the cause."""
+
+    def __init__(self, index: int, actor_id: str, action: str, cause: str):
+        self.index = index
+        self.actor_id = actor_id
+        self.cause = cause
+        super().__init__(f"rollout engine {index} (actor {actor_id}) failed during {action}: {cause}")
+
+
+def _describe(error: BaseException, max_chars: int = 2000) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= max_chars else text[:max_chars] + " ..."
+
+
+def shard_bounds(count: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges splitting ``count`` items as evenly as possible."""
+    base, extra = divmod(count, shards)
+    bounds, start = [], 0
+    for i in range(shards):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class RolloutFleet:
+    """``config.engines`` vLLM engines, each a Ray actor with its own resources.
+
+    ``placement_group`` / ``bundle_indices`` (one bundle per engine) let the trainer place the
+    engines: in bundles shared with training workers to colocate, or in their own to separate.
+    Ray must be initialised by the caller (``ray.init``) or it starts a local instance.
+    """
+
+    def __init__(
+        self,
+        config: RolloutConfig,
+        placement_group: PlacementGroup | None = None,
+        bundle_indices: Sequence[int] | None = None,
+    ):
+        if placement_group is None and bundle_indices is not None:
+            raise ValueError("bundle_indices need a placement_group")
+        if bundle_indices is not None and len(bundle_indices) != config.engines:
+            raise ValueError(f"got {len(bundle_indices)} bundle indices for {config.engines} engines")
+        self.config = config
+        self._placement_group = placement_group
+        self._bundle_indices = list(bundle_indices) if bundle_indices is not None else None
+        self.version = 0
+        self._current: WeightUpdate | None = None  # what restarted engines must load
+        self.actors = [self._create_actor(i) for i in range(config.engines)]
+        try:
+            self._wait([(i, self.actors[i].info.remote()) for i in range(config.engines)], "start")
+        except EngineError:
+            self.shutdown()  # no half-started fleet holding resources
+            raise
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.actors)
+
+    def _create_actor(self, index: int):
+        options = dict(num_cpus=self.config.num_cpus_per_engine,
+                       num_gpus=self.config.num_gpus_per_engine)
+        if self._placement_group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self._placement_group,
+                placement_group_bundle_index=(
+                    self._bundle_indices[index] if self._bundle_indices is not None else -1),
+                placement_group_capture_child_tasks=True,
+            )
+        return RolloutEngineActor.options(**options).remote(self.config.engine, index)
+
+    def _wait(self, calls: list[tuple[int, ray.ObjectRef]], action: str) -> list:
+        """Results of one call per engine, in call order; raises on the first failure.
+
+        Waits on whichever engine answers first, so a dead engine is reported as soon as Ray
+        knows, not after the slower live ones finish. Engines still busy with a failed call's
+        siblings finish them in the background; the next call queues behind.
+        """
+        timeout_field = "start_timeout_s" if action == "start" else "call_timeout_s"
+        timeout_s = getattr(self.config, timeout_field)
+        index_of = {ref: position for position, (_, ref) in enumerate(calls)}
+        results: list = [None] * len(calls)
+        pending = [ref for _, ref in calls]
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                engine = calls[index_of[pending[0]]][0]
+                raise self._error(engine, action,
+                                  f"no answer within rollout.{timeout_field}={timeout_s} s")
+            position = index_of[ready[0]]
+            try:
+                results[position] = ray.get(ready[0], timeout=0)
+            except RayError as error:
+                raise self._error(calls[position][0], action, _describe(error)) from error
+        return results
+
+    def _error(self, index: int, action: str, cause: str) -> EngineError:
+        actor_id = self.actors[index]._actor_id.hex()  # ActorHandle has no public id getter
+        return EngineError(index, actor_id, action, cause)
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int,
+        sampling: SamplingConfig,
+        seeds: Sequence[int] | None = None,
+    ) -> list[SampleGroup]:
+        """n completions per prompt, one ``SampleGroup`` per prompt, in prompt order.
+
+        ``seeds`` (one per prompt) make each prompt's samples independent of the batch it is
+        in and of the engine that draws them; without them ``sampling.seed`` seeds prompt i
+        of this call (rollout.seeding).
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not prompt_token_ids:
+            return []
+        vllm_seeds = prompt_seeds(len(prompt_token_ids), sampling.seed,
+                                  None if seeds is None else list(seeds))
+        prompts = [list(map(int, ids)) for ids in prompt_token_ids]
+        calls = [
+            (i, self.actors[i].generate.remote(prompts[start:end], n, sampling, vllm_seeds[start:end]))
+            for i, (start, end) in enumerate(shard_bounds(len(prompts), self.num_engines))
+            if end > start
+        ]
+        shards = self._wait(calls, "generate")
+        return [group for shard in shards for group in shard]
+
+    def load_weights(self, update: WeightUpdate) -> list[float]:
+        """Applies ``update`` on every engine; seconds each engine took, by engine.
+
+        The fleet's version moves only when every engine has loaded the update. After an
+        EngineError, restart the failed engine (it loads the last complete update) and push
+        the same weights again.
+        """
+        seconds = self._wait([(i, actor.load_weights.remote(update))
+                              for i, actor in enumerate(self.actors)], "load_weights")
+        self.version = update.version
+        self._current = update
+        return seconds
+
+    def restart_engine(self, index: int) -> None:
+        """Replaces engine ``index`` (dead or alive) by a new one running the current weights."""
+        if not 0 <= index < self.num_engines:
+            raise IndexError(f"no engine {index} in a fleet of {self.num_engines}")
+        ray.kill(self.actors[index], no_restart=True)
+        self.actors[index] = self._create_actor(index)
+        self._wait([(index, self.actors[index].info.remote())], "start")
+        if self._current is not None:
+            self._wait([(index, self.actors[index].load_weights.remote(self._current))], "load_weights")
+
+    def call(self, index: int, method: str, *args) -> object:
+        """One engine method, waited on like every other call (for inspection and tests)."""
+        ref = getattr(self.actors[index], method).remote(*args)
+        return self._wait([(index, ref)], method)[0]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

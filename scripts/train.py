@@ -1,0 +1,35 @@
+"""The main job: GRPO with LoRA on a MoE model (Hydra entry point).
+
+    python scripts/train.py                                  # the embedded CPU demo
+    python scripts/train.py algorithm=dapo parallel.ep=2 trainer.steps=100
+    python scripts/train.py model.hf_path=/ckpt/qwen3-30b-a3b rollout.engine.device=cuda ...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from rlcore.validation import ConfigError  # noqa: E402
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from trainers.main import print_summary, run
+
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        summary = run(tree)
+    except ConfigError as err:
+        print(f"invalid configuration: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""One synchronous, on-policy GRPO step, as data (DESIGN.md, "One RL step"):
+
+prompts -> n completions each (vLLM fleet) -> rewards (off the critical path, failures
+isolated) -> group advantages -> old log-probs [+ reference log-probs] (Megatron fleet) ->
+rollout-correction weights (vLLM vs Megatron log-probs) -> PPO epochs over mini-batches ->
+weight sync -> metrics.
+
+Prompts of step s and the sampling seed of each prompt are functions of (seed, s, index), so a
+run resumed at step s draws exactly the samples an uninterrupted run draws.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from rlcore.advantages import grpo_advantages, rloo_advantages
+from rlcore.config import AlgorithmConfig
+from rlcore.correction import rollout_correction
+from rlcore.dapo import filter_zero_variance_groups, overlong_reward_shaping
+from rlcore.masked import masked_mean
+from rlcore.objective import RLObjective, add_batch_normalisers
+from rlcore.rewards import get_reward, score_batch
+from rlcore.tasks import Problem
+from rollout.batching import PackedBatch, pack_groups
+from rollout.config import SamplingConfig
+from rollout.seeding import spread_seed
+
+PHASES = ("generate", "reward", "old_logprobs", "update", "sync")
+
+
+@dataclass
+class PhaseTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        begin = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - begin
+
+
+def compute_advantages(cfg: AlgorithmConfig, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    if cfg.advantage_estimator == "rloo":
+        return rloo_advantages(rewards, group_ids)
+    return grpo_advantages(rewards, group_ids, norm_by_std=cfg.norm_by_std, eps=cfg.advantage_eps)
+
+
+def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+@dataclass
+class StepSettings:
+    """What a step needs besides the fleets (all from RunConfig)."""
+
+    algorithm: AlgorithmConfig
+    sampling: SamplingConfig
+    samples_per_prompt: int
+    ppo_epochs: int
+    mini_batch_prompts: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    reward_timeout_s: float
+    reward_workers: int
+    track_reference_kl: bool = True
+
+
+class GRPOStep:
+    """Runs steps against a rollout fleet, a training fleet and a weight sync."""
+
+    def __init__(self, settings: StepSettings, rollout, training, sync, tokenizer,
+                 recover=lambda call: call()):
+        """``recover(call)`` runs a rollout-fleet call, restarting dead engines and retrying."""
+        self.s = settings
+        self.recover = recover
+        self.rollout, self.training, self.sync, self.tokenizer = rollout, training, sync, tokenizer
+        self.reward_fn = get_reward(settings.algorithm.reward)
+        self.objective = RLObjective(settings.algorithm)
+        # The policy's log-probs are those of the distribution vLLM samples from.
+        self.temperature = settings.sampling.temperature or 1.0
+        self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+
+    def generate(self, problems: list[Problem], step: int, timer: PhaseTimer):
+        prompts = [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+        seeds = [spread_seed(self.s.seed, step, i) for i in range(len(problems))]
+        with timer("generate"):
+            return self.recover(lambda: self.rollout.generate(
+                prompts, self.s.samples_per_prompt, self.s.sampling, seeds=seeds))
+
+    def run(self, problems: list[Problem], step: int) -> dict[str, float]:
+        timer, begin = PhaseTimer(), time.perf_counter()
+        groups = self.generate(problems, step, timer)
+        packed = pack_groups(groups, pad_token_id=self.tokenizer.pad_token_id)
+        texts = [c.text for g in groups for c in g.completions]
+        answers = [p.answer for p, g in zip(problems, groups) for _ in g.completions]
+        # Rewards run in worker processes while the training fleet computes old log-probs.
+        rewards_future = self._reward_pool.submit(
+            score_batch, self.reward_fn, texts, answers,
+            timeout_s=self.s.reward_timeout_s, max_workers=self.s.reward_workers)
+        batch = packed.training_inputs()
+        with timer("old_logprobs"):
+            old_logprobs, entropy = self.training.compute_logprobs(batch, self.temperature, with_entropy=True)
+            ref_logprobs = None
+            if self.s.algorithm.kl_coef > 0 or self.s.track_reference_kl:
+                ref_logprobs = self.training.compute_logprobs(batch, self.temperature, adapter=False)
+        with timer("reward"):
+            reward_list, reward_metrics = rewards_future.result()
+        metrics = {f"reward/{k}": v for k, v in reward_metrics.items()}
+        train_batch, more = self.prepare(packed, torch.tensor(reward_list), old_logprobs, ref_logprobs, entropy)
+        metrics.update(more)
+        with timer("update"):
+            metrics.update(self.update(train_batch, packed.group_ids[train_batch.pop("row_index")], step))
+        with timer("sync"):
+            report = self.recover(lambda: self.sync.push(self.training))
+        metrics.update({"sync/bytes": report.bytes, "sync/seconds": report.seconds, "sync/version": report.version})
+        step_seconds = time.perf_counter() - begin
+        tokens = int(packed.attention_mask.sum())
+        metrics.update({f"time/{phase}": timer.seconds.get(phase, 0.0) for phase in PHASES})
+        metrics.update({"time/step": step_seconds, "perf/tokens_per_s": tokens / step_seconds,
+                        "perf/orchestration_overhead": step_seconds / max(1e-9, sum(
+                            timer.seconds.get(p, 0.0) for p in ("generate", "old_logprobs", "update", "sync")))})
+        return metrics
+
+    def prepare(self, packed: PackedBatch, rewards: torch.Tensor, old_logprobs, ref_logprobs, entropy):
+        """Rewards -> advantages -> correction weights; the rows that train, and metrics."""
+        cfg = self.s.algorithm
+        mask = packed.response_mask.float()
+        lengths = mask.sum(-1)
+        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                   "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
+                   "policy/entropy": masked_mean(entropy, mask).item()}
+        if cfg.overlong_shaping:
+            rewards = rewards + overlong_reward_shaping(lengths, cfg.overlong_max_len, cfg.overlong_cache_len,
+                                                        cfg.overlong_penalty)
+        advantages = compute_advantages(cfg, rewards, packed.group_ids)
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+        if cfg.dynamic_sampling:
+            keep = filter_zero_variance_groups(rewards, packed.group_ids)
+        metrics["reward/kept_frac"] = keep.float().mean().item()
+        weights = torch.ones_like(mask)
+        if cfg.correction_enabled:
+            weights, correction = rollout_correction(
+                old_logprobs, packed.rollout_logprobs, mask, level=cfg.correction_level,
+                mode=cfg.correction_mode, cap=cfg.correction_cap, lower=cfg.correction_lower)
+            metrics.update({f"correction/{k}": v for k, v in correction.items()})
+        if ref_logprobs is not None:
+            metrics["policy/kl_ref"] = masked_mean(old_logprobs - ref_logprobs, mask).item()
+        batch = {**packed.training_inputs(), "old_logprobs": old_logprobs, "advantages": advantages,
+                 "is_weights": weights, "row_index": torch.arange(len(rewards))}
+        if cfg.kl_coef > 0:
+            batch["ref_logprobs"] = ref_logprobs
+        return select_rows(batch, keep.nonzero().squeeze(-1)), metrics
+
+    def update(self, batch: dict[str, torch.Tensor], group_ids: torch.Tensor, step: int) -> dict[str, float]:
+        """PPO epochs; each optimizer step takes ``mini_batch_prompts`` whole groups."""
+        if batch["input_ids"].shape[0] == 0:
+            return {"update/skipped": 1.0}
+        groups = torch.unique(group_ids)
+        generator = torch.Generator().manual_seed(spread_seed(self.s.seed, step))
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(self.s.ppo_epochs):
+            order = groups[torch.randperm(len(groups), generator=generator)]
+            for chosen in order.split(self.s.mini_batch_prompts):
+                rows = torch.isin(group_ids, chosen).nonzero().squeeze(-1)
+                mini = add_batch_normalisers(select_rows(batch, rows))
+                metrics = self.training.forward_backward(mini, self.objective, self.temperature)
+                metrics.update({f"optim/{k}": v for k, v in self.training.optim_step(
+                    self.s.lr, self.s.betas, self.s.weight_decay, self.s.grad_clip).items()})
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                count += 1
+        out = {k: v / count for k, v in totals.items()}
+        out["loss/policy"] = out.pop("loss/policy", 0.0)
+        out["optim/lr"] = self.s.lr
+        return out
+
+    def close(self) -> None:
+        self._reward_pool.shutdown(wait=False)

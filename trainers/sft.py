@@ -1,0 +1,114 @@
+"""Supervised fine-tuning of the demo's base model through the training fleet, then cached.
+
+The demo starts from a random tiny MoE; GRPO needs a policy that is partially competent on
+the task so that rewards vary within groups. This module fine-tunes all weights (no LoRA)
+with token-mean cross entropy on the answers of task problems, through the same Megatron
+training fleet the RL run uses, and writes the result as an HF checkpoint. The cache key is
+everything that determines the result, so a later run with the same settings reuses it.
+
+``sft_label_noise`` replaces that share of training answers with a near miss (off by 1 or
+10): the model then puts real probability on wrong answers next to the right one, the
+"pass@k > pass@1" regime in which RL with a verifier has headroom, as with real LLMs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rlcore.objective import NLLObjective, add_batch_normalisers
+from rlcore.tasks import Problem, arithmetic_problems
+from rollout.seeding import spread_seed
+from trainers.config import RunConfig
+from trainers.training_fleet import TrainingFleet, TrainingFleetSpec
+
+SFT_SEED_TAG = 5_000_000_003
+WARMUP_SHARE = 0.1
+
+
+def sft_cache_dir(cfg: RunConfig, base_dir: Path) -> Path:
+    key = json.dumps({"base": str(base_dir.resolve()), "tiny": cfg.model.tiny, "steps": cfg.model.sft_steps,
+                      "lr": cfg.model.sft_lr, "batch": cfg.model.sft_batch_size,
+                      "noise": cfg.model.sft_label_noise, "task": asdict(cfg.task),
+                      "seed": cfg.trainer.seed}, sort_keys=True)
+    return Path(cfg.model.cache_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first 10% of steps, then cosine decay to zero."""
+    warmup = max(1, int(total * WARMUP_SHARE))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def noisy_answer(answer: str, rng: random.Random, noise: float) -> str:
+    if noise <= 0 or rng.random() >= noise:
+        return answer
+    return str(int(answer) + rng.choice((-10, -1, 1, 10)))
+
+
+def sft_batch(problems: list[Problem], tokenizer, rng: random.Random, noise: float) -> dict[str, torch.Tensor]:
+    """prompt + answer + EOS per row, right-padded; the loss covers answer and EOS."""
+    rows = []
+    for p in problems:
+        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(noisy_answer(p.answer, rng, noise), add_special_tokens=False)["input_ids"]
+        rows.append((prompt, answer + [tokenizer.eos_token_id]))
+    width = max(len(a) + len(b) for a, b in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, target) in enumerate(rows):
+        n, m = len(prompt), len(prompt) + len(target)
+        input_ids[i, :m] = torch.tensor(prompt + target)
+        attention[i, :m] = 1
+        loss_mask[i, n:m] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, placement, log=print) -> Path:
+    """Returns the cached SFT checkpoint for ``cfg``, making it first if needed."""
+    out = sft_cache_dir(cfg, base_dir)
+    if (out / "model.safetensors").is_file():
+        log(f"SFT base model: cached at {out}")
+        return out
+    steps, batch_size = cfg.model.sft_steps, cfg.model.sft_batch_size
+    spec = TrainingFleetSpec(str(base_dir), cfg.parallel, None, cfg.trainer.train_world_size,
+                             micro_batch_size=batch_size, seed=cfg.trainer.seed)
+    fleet = TrainingFleet(spec, placement)
+    rng = random.Random(spread_seed(cfg.trainer.seed, SFT_SEED_TAG))
+    from tqdm import tqdm
+
+    with tqdm(range(steps), desc="SFT of the base model", unit="step", mininterval=5) as bar:
+        for step in bar:
+            problems = arithmetic_problems(batch_size, seed=spread_seed(cfg.trainer.seed, SFT_SEED_TAG, step),
+                                           split="train", difficulty=cfg.task.difficulty)
+            batch = add_batch_normalisers(sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise))
+            metrics = fleet.forward_backward(batch, NLLObjective())
+            fleet.optim_step(lr_at(step, steps, cfg.model.sft_lr), grad_clip=1.0)
+            bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}", refresh=False)
+    state = fleet.export_hf_state_dict()
+    fleet.shutdown()
+    _write_checkpoint(state, base_dir, out)
+    log(f"SFT base model: written to {out}")
+    return out
+
+
+def _write_checkpoint(state: dict[str, torch.Tensor], base_dir: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

@@ -1,0 +1,159 @@
+"""The training fleet: one Ray actor per Megatron rank, driven as one object.
+
+Every rank runs the same call with the same arguments (``parallel.engine`` is SPMD); the
+fleet sends a call to all ranks, waits for all, and returns rank 0's answer. The ranks form
+one gloo (CPU) or NCCL (GPU) process group at start-up, with rank 0's node as the master.
+
+A rank that dies takes the process group with it: the fleet then raises
+``TrainingRankDied`` naming the rank, and the trainer stops the run cleanly (resumable
+from the newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from parallel.lora import LoraConfig
+from parallel.topology import ParallelConfig
+
+
+class TrainingRankDied(RuntimeError):
+    def __init__(self, rank: int, cause: str):
+        self.rank = rank
+        super().__init__(f"training rank {rank} died: {cause}")
+
+
+@dataclass(frozen=True)
+class TrainingFleetSpec:
+    model_dir: str
+    parallel: ParallelConfig
+    lora: LoraConfig | None
+    world_size: int
+    micro_batch_size: int
+    seed: int
+
+
+class TrainingRank:
+    """One Megatron rank inside a Ray actor (see ``TrainingFleet``)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.engine = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        from parallel.launch import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def start(self, master: tuple[str, int], spec: TrainingFleetSpec) -> int:
+        import torch.distributed as dist
+
+        from parallel.engine import TrainingEngine
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
+                                rank=self.rank, world_size=self.world_size)
+        self.engine = TrainingEngine(spec.model_dir, spec.parallel, spec.lora, seed=spec.seed,
+                                     micro_batch_size=spec.micro_batch_size)
+        return os.getpid()
+
+    def compute_logprobs(self, batch, temperature: float, with_entropy: bool, adapter: bool):
+        from parallel.lora import adapter_enabled
+
+        with adapter_enabled(self.engine.model, adapter):
+            return self.engine.compute_logprobs(batch, temperature, with_entropy)
+
+    def forward_backward(self, batch, loss_fn, temperature: float):
+        return self.engine.forward_backward(batch, loss_fn, temperature)
+
+    def optim_step(self, lr, betas, weight_decay, grad_clip):
+        metrics = self.engine.optim_step(lr, betas=betas, weight_decay=weight_decay, grad_clip=grad_clip)
+        self.engine.zero_grad()
+        return metrics
+
+    def merged_state_dict(self):
+        from parallel.adapter_io import merged_state_dict
+
+        return merged_state_dict(self.engine.model, arch=self.engine.arch, hf_config=self.engine.hf_config)
+
+    def export_peft_adapter(self, out_dir: str, base_model: str | None):
+        from parallel.adapter_io import export_peft_adapter
+
+        export_peft_adapter(self.engine.model, out_dir, arch=self.engine.arch,
+                            hf_config=self.engine.hf_config, base_model_name_or_path=base_model)
+
+    def save_state(self, out_dir: str) -> None:
+        self.engine.save_adapter_state(out_dir)
+
+    def load_state(self, in_dir: str) -> None:
+        self.engine.load_adapter_state(in_dir)
+
+    def export_hf_state_dict(self):
+        return self.engine.export_hf_state_dict()
+
+
+class TrainingFleet:
+    """``spec.world_size`` Megatron ranks as Ray actors; also the rollout fleet's WeightSource."""
+
+    def __init__(self, spec: TrainingFleetSpec, placement=None, call_timeout_s: float = 1800.0):
+        self.spec = spec
+        self.call_timeout_s = call_timeout_s
+        actor_cls = ray.remote(TrainingRank)
+        self.actors = []
+        for rank in range(spec.world_size):
+            options = {"num_cpus": placement.train_cpus if placement else 1}
+            if placement is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement.group, placement_group_bundle_index=placement.train_bundles[rank])
+            self.actors.append(actor_cls.options(**options).remote(rank, spec.world_size))
+        master = ray.get(self.actors[0].rendezvous_address.remote())
+        self.pids = self._all("start", master, spec)
+
+    def _all(self, method: str, *args):
+        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        results = []
+        for rank, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=self.call_timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                raise TrainingRankDied(rank, f"{type(err).__name__}: {str(err)[:500]}") from err
+        return results
+
+    # The engine API, fleet-wide: every rank gets the call, rank 0 answers.
+    def compute_logprobs(self, batch, temperature: float = 1.0, with_entropy: bool = False,
+                         adapter: bool = True):
+        return self._all("compute_logprobs", batch, temperature, with_entropy, adapter)[0]
+
+    def forward_backward(self, batch, loss_fn, temperature: float = 1.0) -> dict[str, float]:
+        return self._all("forward_backward", batch, loss_fn, temperature)[0]
+
+    def optim_step(self, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, grad_clip: float = 1.0):
+        return self._all("optim_step", lr, tuple(betas), weight_decay, grad_clip)[0]
+
+    def merged_state_dict(self):
+        return self._all("merged_state_dict")[0]
+
+    def export_peft_adapter(self, out_dir: str) -> None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self._all("export_peft_adapter", str(out_dir), self.spec.model_dir)
+
+    def save_state(self, out_dir: str) -> None:
+        self._all("save_state", str(out_dir))
+
+    def load_state(self, in_dir: str) -> None:
+        self._all("load_state", str(in_dir))
+
+    def export_hf_state_dict(self):
+        return self._all("export_hf_state_dict")[0]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
