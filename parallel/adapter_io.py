@@ -33,7 +33,8 @@ from torch import nn
 
 from parallel.arch.builder import Arch
 from parallel.arch.mapping import Placement, join, split
-from parallel.lora import LoraConfig, Shard, adapter_parameters, lora_config_of
+from parallel.lora import LoraConfig, adapter_parameters, lora_config_of
+from parallel.lora_factors import Shard
 from parallel.lora_experts import OUTER_FACTORS
 
 PEFT_PREFIX = "base_model.model."

@@ -71,9 +71,11 @@ class _Reader:
         return sl[tuple(index)]
 
 
-def _base_parameters(model: torch.nn.Module):
-    """The base model's parameters: LoRA adapters (marked ``lora_name``) are not in the checkpoint."""
-    return [(n, p) for n, p in model.named_parameters() if not hasattr(p, "lora_name")]
+def _base_tensors(model: torch.nn.Module, arch: Arch):
+    """The base model's checkpoint tensors: its parameters but LoRA adapters (marked
+    ``lora_name``), and the buffers the weight table maps (a router's expert bias)."""
+    params = [(n, p) for n, p in model.named_parameters() if not hasattr(p, "lora_name")]
+    return params + [(n, b) for n, b in model.named_buffers() if arch.table.knows(n)]
 
 
 def load_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, arch: Arch, hf_config) -> None:
@@ -81,7 +83,7 @@ def load_hf_checkpoint(model: torch.nn.Module, hf_dir: str | Path, arch: Arch, h
     reader = _Reader(hf_dir)
     placement, qkv = placement_of(model), arch.qkv_dims(hf_config)
     with torch.no_grad():
-        for name, param in _base_parameters(model):
+        for name, param in _base_tensors(model, arch):
             loc = arch.table.locate(name, placement)
             names = [_EMBED if (n == _TIED_HEAD and n not in reader) else n for n in loc.hf_names]
             parts = [reader.read_block(n, loc.rule.tp_dim, loc.tp_rank, loc.tp_size) for n in names]
@@ -103,7 +105,7 @@ def local_hf_shards(model: torch.nn.Module, arch: Arch, hf_config) -> list[HFSha
     """This rank's deduplicated HF blocks (see the module docstring)."""
     placement, qkv = placement_of(model), arch.qkv_dims(hf_config)
     shards = []
-    for name, param in _base_parameters(model):
+    for name, param in _base_tensors(model, arch):
         loc = arch.table.locate(name, placement)
         if hf_config.tie_word_embeddings and loc.hf_names == (_TIED_HEAD,):
             continue  # the last stage's copy of the tied embedding

@@ -32,7 +32,23 @@ to /work/shared/FINDINGS.md, "Megatron-core 0.16.1 on CPU"):
 6. Config choices (``use_cpu_initialization``, fp32, no bias) are made by the builders.
 7. Multi-latent attention checks ``isinstance(linear_proj, TELinear)``; without Transformer
    Engine ``TELinear`` is ``None`` in that module, which breaks ``isinstance``. A private
-   class nothing is an instance of takes its place.
+   class nothing is an instance of takes its place. And MLA builds its core attention with
+   ``k_channels`` / ``v_channels`` (q/k heads of nope + rope dims, v heads of ``v_head_dim``),
+   which the local ``DotProductAttention`` does not accept: ``SDPACoreAttention`` (torch's
+   ``scaled_dot_product_attention``, causal) replaces it in MLA layer specs
+   (``parallel.arch.builder``).
+8. MLA's down projections (``linear_q_down_proj``, ``linear_kv_down_proj``) are, with
+   Transformer Engine, a "duplicated" ``TELinear``: every TP rank holds the whole weight and,
+   under sequence parallelism, projects its own slice of the sequence; the shared rope key
+   is then all-gathered over the sequence, whose backward SUMS the rope-key gradient over
+   the TP ranks (each holds a share of the heads). The local spec uses a column-parallel
+   linear instead, and its feature all-gather's backward only SPLITS: the rope-key gradient
+   keeps one rank's heads' share, and every gradient upstream of it is wrong under TP.
+   ``replicated_linear()`` is the local equivalent of the duplicated ``TELinear`` (a
+   ``ColumnParallelLinear`` over a one-rank group, weight marked ``sequence_parallel`` like
+   a norm's); it takes the place of the name ``Linear`` in MLA's module (the type MLA
+   accepts as a non-TE down projection; modelopt's, unused on CPU), and
+   ``parallel.arch.builder`` puts it in MLA specs.
 
 Also: megatron decorates small functions with ``torch.compile`` (``megatron.core.jit``, e.g.
 the router's expert-bias update, called on every MoE forward); on CPU a compile means an
@@ -47,6 +63,7 @@ that only validates configs (a trainer's driver, a test) is left untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 
@@ -77,7 +94,8 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments of every torch call to ``cpu``.
 
     Keyword ``device=`` is rewritten for all functions; positional devices only for
-    ``Tensor.to`` (its only positional int/str arguments are devices). ``Tensor.cuda`` returns
+    ``Tensor.to`` (its only positional int/str arguments are devices) and ``torch.device``
+    itself (``torch.device(0)`` means the accelerator). ``Tensor.cuda`` returns
     the tensor itself.
     """
 
@@ -94,7 +112,7 @@ class _CudaToCpuMode(TorchFunctionMode):
                 return _run_backward(*args, **kwargs)
         if "device" in kwargs:
             kwargs = dict(kwargs, device=_to_cpu_device(kwargs["device"]))
-        if func is torch.Tensor.to:
+        if func is torch.Tensor.to or func is torch.device:  # torch.device(0): MLA's YaRN rope
             args = tuple(_to_cpu_device(a) if not isinstance(a, torch.Tensor) else a for a in args)
         return func(*args, **kwargs)
 
@@ -155,6 +173,71 @@ class _NotTELinear:
     """Stands in for Transformer Engine's ``TELinear``; no module is an instance of it."""
 
 
+class SDPACoreAttention(torch.nn.Module):
+    """Causal core attention by ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Megatron's core-attention contract: built with ``softmax_scale``, ``k_channels``,
+    ``v_channels`` (among others); called with q [s, b, heads, d_qk], k [s, b, heads, d_qk],
+    v [s, b, heads, d_v] (this rank's heads, the whole sequence); returns [s, b, heads * d_v].
+    Only what trillora's configs use: causal masks, no attention dropout, no packed sequences,
+    no context parallelism (each refused at build or call time).
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        from megatron.core.transformer.enums import AttnMaskType
+
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout or config.context_parallel_size > 1 or attn_mask_type is not AttnMaskType.causal:
+            raise NotImplementedError("SDPACoreAttention: causal masks only, no attention dropout, no CP")
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **_unused):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: no packed sequences, no attention bias")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).flatten(2)
+
+
+_OWN_GROUPS: dict = {}
+
+
+def _own_rank_group():
+    """A process group holding only this rank (created once per default group, locally)."""
+    import torch.distributed as dist
+
+    key = (id(dist.group.WORLD), dist.get_rank())
+    if key not in _OWN_GROUPS:
+        _OWN_GROUPS[key] = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+    return _OWN_GROUPS[key]
+
+
+@functools.cache
+def replicated_linear() -> type:
+    """The class of item 8 (built on first use: megatron is imported only by the layer)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class ReplicatedLinear(ColumnParallelLinear):
+        """A linear held whole by every TP rank (Transformer Engine's "duplicated" ``TELinear``).
+
+        Built as megatron builds MLA's down projections; ``tp_group`` is replaced by a
+        one-rank group, so nothing is split or communicated. Under sequence parallelism each
+        TP rank sees its own tokens, so the weight is marked ``sequence_parallel`` (gradient
+        summed over TP, as for a norm) and is not ``tensor_model_parallel``.
+        """
+
+        def __init__(self, input_size, output_size, *, config, tp_group=None, **kwargs):
+            super().__init__(input_size, output_size, config=config, tp_group=_own_rank_group(), **kwargs)
+            self.weight.tensor_model_parallel = False
+            self.weight.partition_dim = -1
+            self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    return ReplicatedLinear
+
+
 def _cpu_rng_state(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
@@ -213,6 +296,7 @@ def _patch_megatron() -> None:
 
     if mla.TELinear is None or not isinstance(mla.TELinear, type):
         mla.TELinear = _NotTELinear
+    mla.Linear = replicated_linear()  # item 8: MLA's accepted type for down projections
 
 
 def apply_cpu_compat() -> bool:

@@ -18,6 +18,10 @@ Targets (module names in megatron's GPT layers, with their Hugging Face equivale
 
     linear_qkv          self_attention.linear_qkv      -> self_attn.{q,k,v}_proj (fused)
     linear_proj         self_attention.linear_proj     -> self_attn.o_proj
+    MLA (DeepSeek-V3, Kimi K2), each self_attention.<target>, all column-parallel:
+    linear_q_proj                                      -> self_attn.q_proj (q_lora_rank None)
+    linear_q_down_proj, linear_q_up_proj               -> self_attn.q_a_proj, q_b_proj
+    linear_kv_down_proj, linear_kv_up_proj             -> self_attn.kv_a_proj_with_mqa, kv_b_proj
     linear_fc1          mlp.linear_fc1 (dense MLP),     -> mlp.{gate,up}_proj (fused)
                         mlp.shared_experts.linear_fc1  -> mlp.shared_expert.{gate,up}_proj
     linear_fc2          mlp.linear_fc2, shared expert  -> mlp.down_proj / shared_expert.down_proj
@@ -28,14 +32,13 @@ Communication and gradient rules (derived in ``LoraAdapter``'s docstring) keep t
 computation equal to single-process LoRA in output and gradients; replicated factors get
 their complete gradient inside autograd (no reliance on megatron's grad finalisation), the
 only reduction left to the training engine is the data-parallel one (see ``mark_param``).
-Routed experts are handled in ``parallel.lora_experts``.
+Routed experts are handled in ``parallel.lora_experts``; factor slices and their
+initialisation in ``parallel.lora_factors``.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -43,9 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.lora_factors import Shard, mark_param, new_factor
 from rlcore.validation import ConfigError, check_choice, check_range
 
-DENSE_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+MLA_TARGETS = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
+               "linear_kv_up_proj")
+DENSE_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2") + MLA_TARGETS
 EXPERT_TARGETS = ("experts.linear_fc1", "experts.linear_fc2")
 ALL_TARGETS = DENSE_TARGETS + EXPERT_TARGETS
 INIT_A = ("kaiming_uniform", "normal")
@@ -102,104 +108,6 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
-
-
-# --------------------------------------------------------------------------------------
-# Shards: where a rank's slice of a factor sits in the single-process factor
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A rank's slice of a full factor, in megatron's convention.
-
-    ``dim=None``: the rank holds the whole factor (replicated over the group). Otherwise the
-    full factor is cut into ``stride`` equal blocks along ``dim`` and the rank holds piece
-    ``rank`` of ``size`` of every block, concatenated. ``stride=1`` is a contiguous slice
-    (row-parallel A; column-parallel B of linear_qkv, whose query groups are contiguous);
-    ``stride=2`` is linear_fc1 under SwiGLU, where each rank holds [gate_i; up_i], the same
-    rows megatron gives its weight (``stride=2`` in ``MLP.__init__``).
-    """
-
-    dim: int | None = None
-    rank: int = 0
-    size: int = 1
-    stride: int = 1
-
-    @property
-    def is_split(self) -> bool:
-        return self.dim is not None and self.size > 1
-
-    def take(self, full: torch.Tensor) -> torch.Tensor:
-        """The rank's slice of ``full``."""
-        if not self.is_split:
-            return full
-        blocks = full.chunk(self.stride, dim=self.dim)
-        return torch.cat([b.chunk(self.size, dim=self.dim)[self.rank] for b in blocks], dim=self.dim)
-
-    def assemble(self, pieces: list[torch.Tensor]) -> torch.Tensor:
-        """The full factor from the slices of ranks 0..size-1 (inverse of ``take``)."""
-        if not self.is_split:
-            return pieces[0]
-        per_rank = [p.chunk(self.stride, dim=self.dim) for p in pieces]
-        blocks = [torch.cat([per_rank[r][b] for r in range(self.size)], dim=self.dim) for b in range(self.stride)]
-        return torch.cat(blocks, dim=self.dim)
-
-    def full_shape(self, local_shape: torch.Size) -> tuple[int, ...]:
-        shape = list(local_shape)
-        if self.is_split:
-            shape[self.dim] *= self.size
-        return tuple(shape)
-
-
-def factor_generator(seed: int, name: str) -> torch.Generator:
-    """A generator seeded by (seed, canonical name): layout-independent, stable across runs."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def init_full_factor(cfg: LoraConfig, name: str, role: str, shape: tuple[int, ...], dtype) -> torch.Tensor:
-    """The single-process initial value of factor ``name`` (``role`` is "A" or "B")."""
-    gen = factor_generator(cfg.seed, name)
-    full = torch.empty(shape, dtype=torch.float32)
-    if role == "A":
-        if cfg.init_a == "kaiming_uniform":
-            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
-        else:
-            nn.init.normal_(full, std=1.0 / cfg.rank, generator=gen)
-    elif cfg.init_b_std > 0:
-        nn.init.normal_(full, std=cfg.init_b_std, generator=gen)
-    else:
-        full.zero_()
-    return full.to(dtype)
-
-
-def new_factor(cfg: LoraConfig, name: str, role: str, full_shape, shard: Shard, dtype, *,
-               is_expert: bool) -> nn.Parameter:
-    """This rank's slice of a freshly initialised factor, marked for the engine (``mark_param``)."""
-    param = nn.Parameter(shard.take(init_full_factor(cfg, name, role, tuple(full_shape), dtype)).contiguous())
-    mark_param(param, name, shard, is_expert=is_expert)
-    return param
-
-
-def mark_param(param: nn.Parameter, name: str, shard: Shard, *, is_expert: bool) -> None:
-    """Tags an adapter parameter with what the engine's gradient reduction and norms need.
-
-    - ``lora_name``: its canonical, layout-independent name; ``lora_shard``: its ``Shard``.
-    - ``allreduce``: megatron DDP's flag: True = dense (reduce over the data-parallel group),
-      False = expert (reduce over the expert-data-parallel group). Set False for every expert
-      adapter, even with EP=1: with ETP < TP the expert-DP group contains TP peers that saw
-      other tokens (megatron only flags experts under EP > 1; their base weights are frozen
-      here, so only the adapters' flag matters).
-    - ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride``: megatron's TP
-      attributes, so norms count a replicated factor once and a sharded one on every rank.
-    """
-    param.lora_name = name
-    param.lora_shard = shard
-    param.allreduce = not is_expert
-    param.tensor_model_parallel = shard.is_split
-    param.partition_dim = shard.dim if shard.is_split else -1
-    param.partition_stride = shard.stride
 
 
 # --------------------------------------------------------------------------------------
@@ -407,6 +315,11 @@ def make_adapter(linear: nn.Module, name: str, cfg: LoraConfig, *, glu: bool, is
         A = new_factor(cfg, f"{name}.lora.A", "A", (cfg.rank, in_full), a_shard, dtype, is_expert=is_expert)
     if own_B:
         B = new_factor(cfg, f"{name}.lora.B", "B", (out_full, cfg.rank), b_shard, dtype, is_expert=is_expert)
+    # A linear replicated over TP that sees sequence shards (compat.replicated_linear, MLA's
+    # down projections under SP): its factors' gradients, like its weight's, sum over TP.
+    for factor in (A, B):
+        if factor is not None and getattr(linear.weight, "sequence_parallel", False):
+            factor.sequence_parallel = True
     return LoraAdapter(plan, linear.tp_group, cfg, A, B, outer)
 
 

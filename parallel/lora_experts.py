@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallel.lora import LoraConfig, Shard, attach_adapter, make_adapter, new_factor
+from parallel.lora import LoraConfig, attach_adapter, make_adapter
+from parallel.lora_factors import Shard, new_factor
 
 # expert linear -> (attribute of ExpertOuterFactors, the factor it replaces)
 OUTER_FACTORS = {"linear_fc1": ("fc1_A", "A"), "linear_fc2": ("fc2_B", "B")}

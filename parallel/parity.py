@@ -13,7 +13,9 @@ process: ``max_abs_lora_diff`` (full adapter factors), ``max_abs_trained_logprob
 ``max_abs_loss_diff`` (the summed losses ``forward_backward`` reports); and
 ``max_abs_merged_diff`` (the exported adapter merged into the HF model vs the trained
 Megatron model), ``zero_b_diff`` (adapters with B = 0 vs the base model), and whether only
-adapter parameters train and carry optimizer state. Exit status 1 if a check fails.
+adapter parameters train and carry optimizer state, and ``max_abs_expert_bias_drift`` (how far
+training moved a router's aux-loss-free expert bias: it must stay frozen). Exit status 1 if
+a check fails.
 
 ``run_job`` is the per-rank worker (``run_jobs``: several layouts of one world size in one
 launch) and ``compare`` the parent-side checks; ``tests/parallel/test_layouts.py`` uses them.
@@ -38,7 +40,8 @@ TEMPERATURE = 0.7  # the second temperature at which log-probs and entropy are c
 TOLERANCES = {"max_abs_logprob_diff": 1e-4, "max_abs_entropy_diff": 1e-4, "max_abs_export_diff": 0.0,
               "zero_b_diff": 0.0, "max_abs_loss_diff": 1e-5,
               "max_abs_lora_diff": 1e-5, "max_abs_trained_logprob_diff": 1e-5, "max_abs_grad_diff": 1e-5,
-              "max_rel_grad_norm_diff": 1e-5, "max_abs_merged_diff": 1e-4}
+              "max_rel_grad_norm_diff": 1e-5, "max_abs_merged_diff": 1e-4,
+              "max_abs_expert_bias_drift": 0.0}
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,18 @@ def _gathered_grads(model) -> dict[str, torch.Tensor]:
     return grads
 
 
+def _expert_biases(model) -> dict[str, torch.Tensor]:
+    """Copies of the routers' aux-loss-free expert biases (DeepSeek-V3 family) on this rank."""
+    return {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith("router.expert_bias")}
+
+
+def _max_drift(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """Largest change of any tensor, over all ranks (each holds its stages' routers)."""
+    drift = torch.tensor(max((float((after[n] - b).abs().max()) for n, b in before.items()), default=0.0))
+    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
+    return float(drift)
+
+
 def run_job(rank: int, world: int, job: ParityJob) -> dict:
     """Per-rank worker; rank 0's dict holds everything ``compare`` needs."""
     from parallel.engine import TrainingEngine
@@ -135,6 +150,7 @@ def run_job(rank: int, world: int, job: ParityJob) -> dict:
 
     with adapter_enabled(engine.model, False):
         out["zero_b_diff"] = float((engine.compute_logprobs(job.batch) - out["logprobs"]).abs().max())
+    biases = _expert_biases(engine.model)
     adapters = set(adapter_parameters(engine.model).values())
     trainable = {p for p in engine.model.parameters() if p.requires_grad}
     out["only_adapters_train"] = _on_all_ranks(trainable == adapters)
@@ -155,6 +171,11 @@ def run_job(rank: int, world: int, job: ParityJob) -> dict:
     out["optimizer_state_only_adapters"] = _on_all_ranks(state_params == adapters if job.steps else not state_params)
     out["grad_norms"], out["losses"] = grad_norms, losses
     out["trained_logprobs"] = engine.compute_logprobs(job.batch)
+    if biases:  # megatron's own bias update (its finalize_model_grads step) must be a no-op under LoRA
+        from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+        _update_router_expert_bias([engine.model], engine.model.config)
+    out["expert_bias_drift"] = _max_drift(biases, _expert_biases(engine.model))
     out["adapter"], _ = gather_adapter(engine.model)
     out["merged"] = merged_state_dict(engine.model, arch=engine.arch, hf_config=engine.hf_config)
     return out
@@ -195,6 +216,7 @@ def compare(result: dict, job: ParityJob, *, hf: dict[str, torch.Tensor], origin
     if job.lora is None:
         return report
     report.update(zero_b_diff=result["zero_b_diff"], only_adapters_train=result["only_adapters_train"],
+                  max_abs_expert_bias_drift=result["expert_bias_drift"],
                   optimizer_state_only_adapters=result["optimizer_state_only_adapters"],
                   grad_norms=result["grad_norms"])
     if job.steps:

@@ -28,10 +28,13 @@ class ModelConfig:
     With ``hf_path`` null the tiny model described by ``tiny`` (scripts.make_tiny_model
     fields) is made, then fine-tuned on the task for ``sft_steps`` (trainers.sft), and the
     result cached under ``cache_dir`` keyed by everything that determines it.
+    ``hf_config``: an HF ``config.json`` written inline (``model_type`` plus its fields), for
+    tools that need a model's shapes but no weights (``python -m parallel.count``).
     """
 
     hf_path: str | None = None
     tiny: dict[str, Any] = field(default_factory=dict)
+    hf_config: dict[str, Any] = field(default_factory=dict)
     sft_steps: int = 0
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
@@ -41,6 +44,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.hf_path is not None and not (Path(self.hf_path) / "config.json").is_file():
             raise ConfigError("model.hf_path", self.hf_path, "must be a directory with an HF config.json")
+        if self.hf_config and "model_type" not in self.hf_config:
+            raise ConfigError("model.hf_config", self.hf_config, "must name its model_type")
         check_int("model.sft_steps", self.sft_steps, ge=0)
         check_range("model.sft_lr", self.sft_lr, gt=0)
         check_int("model.sft_batch_size", self.sft_batch_size, ge=1)

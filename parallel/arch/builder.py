@@ -4,12 +4,19 @@ Layer specs: with CUDA and Transformer Engine, megatron's TE spec (and the ``all
 dispatcher, chosen by the arch's config function); otherwise the local spec with
 ``SequentialMLP`` experts, whose torch norms are swapped for
 ``compat.SequenceParallelRMSNorm`` so that MoE with TP>1 (which requires sequence
-parallelism) builds. Weights are left uninitialised (``perform_initialization=False``):
-``parallel.checkpoint`` fills every one of them from the HF checkpoint.
+parallelism) builds, and, for multi-latent attention, whose core attention is swapped for
+``compat.SDPACoreAttention`` (the local one cannot take MLA's different q/k and v head
+sizes) and whose down projections for ``compat.replicated_linear()`` (as with TE). Weights are left uninitialised (``perform_initialization=False``):
+``parallel.checkpoint`` fills every one of them from the HF checkpoint. ``meta=True`` builds
+the same model on the meta device (parameter counts at full size, no weight memory).
+
+``common_config_kwargs`` / ``moe_runtime_kwargs`` are the ``TransformerConfig`` fields every
+architecture sets alike (layout, fp32, no fusions, no dropout; frozen-router MoE).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from parallel.arch.mapping import Placement, QKVDims, WeightTable
-from parallel.compat import SequenceParallelRMSNorm, apply_cpu_compat
+from parallel.compat import SDPACoreAttention, SequenceParallelRMSNorm, apply_cpu_compat, replicated_linear
 from parallel.topology import ModelDims, ParallelConfig
 
 
@@ -28,7 +35,7 @@ class Arch:
     name: str  # HF model_type
     table: WeightTable
     model_dims: Callable[[object], ModelDims]
-    qkv_dims: Callable[[object], QKVDims]
+    qkv_dims: Callable[[object], QKVDims | None]  # None: no fused QKV (MLA)
     # (hf_config, ParallelConfig, use_te) -> megatron TransformerConfig
     transformer_config: Callable[[object, ParallelConfig, bool], object]
     # hf_config -> GPTModel keyword arguments (vocab, rope, tying)
@@ -46,25 +53,74 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def _swap_torch_norms(spec):
-    """Returns ``spec`` with every local torch norm replaced by ``SequenceParallelRMSNorm``."""
+def common_config_kwargs(pcfg: ParallelConfig) -> dict:
+    """``TransformerConfig`` fields shared by every architecture: the layout, fp32 weights,
+    no dropout, no fused kernels (the unfused paths are the ones that run on CPU), weights
+    left for the checkpoint to fill."""
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=pcfg.tp,
+        pipeline_model_parallel_size=pcfg.pp,
+        expert_model_parallel_size=pcfg.ep,
+        expert_tensor_parallel_size=pcfg.etp,
+        context_parallel_size=pcfg.cp,
+        sequence_parallel=pcfg.sp,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,
+    )
+
+
+def moe_runtime_kwargs(use_te: bool) -> dict:
+    """MoE fields shared by every architecture.
+
+    No auxiliary loss: it does not change the forward pass, and RL post-training with LoRA
+    keeps the router frozen (routing must match the rollout engine's). ``SequentialMLP``
+    experts (LoRA wraps their linears); the ``alltoall`` dispatcher needs CUDA streams.
+    """
+    return dict(
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="alltoall" if use_te else "allgather",
+    )
+
+
+def _cpu_spec(spec):
+    """The local layer spec made to run on CPU (``parallel.compat`` items 5, 7, 8): torch norms
+    become ``SequenceParallelRMSNorm``; MLA gets SDPA core attention and replicated down
+    projections."""
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     if spec is WrappedTorchNorm:
         return SequenceParallelRMSNorm
-    if isinstance(spec, ModuleSpec):
-        return dataclasses.replace(spec, submodules=_swap_torch_norms(spec.submodules))
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        changes = {f.name: _swap_torch_norms(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
-        return dataclasses.replace(spec, **changes)
     if isinstance(spec, list):
-        return [_swap_torch_norms(s) for s in spec]
+        return [_cpu_spec(s) for s in spec]
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, submodules=_cpu_spec(spec.submodules))
+    if isinstance(spec, MLASelfAttentionSubmodules):
+        linear = replicated_linear()
+        spec = dataclasses.replace(spec, core_attention=SDPACoreAttention, linear_q_down_proj=linear,
+                                   linear_kv_down_proj=linear)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _cpu_spec(getattr(spec, f.name)) for f in dataclasses.fields(spec)})
     return spec
 
 
-def build_model(arch: Arch, hf_config, pcfg: ParallelConfig):
-    """This rank's ``GPTModel`` stage (fp32 on CPU); megatron's groups must be initialised."""
+def build_model(arch: Arch, hf_config, pcfg: ParallelConfig, *, meta: bool = False):
+    """This rank's ``GPTModel`` stage (fp32 on CPU); megatron's groups must be initialised.
+
+    ``meta=True``: every weight on the meta device (megatron's ``init_model_with_meta_device``).
+    """
     apply_cpu_compat()  # already done by init_parallel; no-op with CUDA
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -72,18 +128,20 @@ def build_model(arch: Arch, hf_config, pcfg: ParallelConfig):
 
     use_te = transformer_engine_available()
     config = arch.transformer_config(hf_config, pcfg, use_te)
+    config.init_model_with_meta_device = meta
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
     if not use_te:
-        spec = _swap_torch_norms(spec)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        parallel_output=True,
-        position_embedding_type="rope",
-        **arch.gpt_kwargs(hf_config),
-    )
+        spec = _cpu_spec(spec)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            parallel_output=True,
+            position_embedding_type="rope",
+            **arch.gpt_kwargs(hf_config),
+        )
 
 
 def placement_of(model) -> Placement:

@@ -99,6 +99,10 @@ class WeightTable:
                 return rule, {k: int(v) for k, v in m.groupdict().items()}
         raise KeyError(f"no weight rule matches megatron name {name!r}")
 
+    def knows(self, name: str) -> bool:
+        """Whether a rule maps megatron tensor ``name`` (used for buffers such as an expert bias)."""
+        return any(pattern.match(name) for pattern, _ in self._params)
+
     def locate(self, name: str, placement: Placement, *, module: bool = False) -> Located:
         """Resolves a local megatron parameter name (or module name with ``module=True``)."""
         rule, idx = self._match(name, self._modules if module else self._params)

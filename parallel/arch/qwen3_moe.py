@@ -17,50 +17,22 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 import torch.nn.functional as F
 
-from parallel.arch.builder import Arch
-from parallel.arch.mapping import QKVDims, WeightRule, WeightTable
+from parallel.arch.builder import Arch, common_config_kwargs, moe_runtime_kwargs
+from parallel.arch.mapping import QKVDims, WeightTable
+from parallel.arch.rules import ATTN, H, L, SHARED_RULES, rule, shared_expert_rules
 from parallel.topology import ModelDims, ParallelConfig
 
-_L, _H = "decoder.layers.{layer}.", "model.layers.{layer}."
-_ATTN = _H + "self_attn."
-_EXPERT = _H + "mlp.experts.{expert}."
-
-
-def _rule(megatron: str, *hf: str, tp_dim: int | None = None, fuse: str | None = None,
-          expert: bool = False) -> WeightRule:
-    return WeightRule(megatron, tuple(hf), tp_dim=tp_dim, fuse=fuse, expert=expert)
-
-
-TABLE = WeightTable((
-    _rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", tp_dim=0),
-    _rule("output_layer.weight", "lm_head.weight", tp_dim=0),
-    _rule("decoder.final_layernorm.weight", "model.norm.weight"),
-    _rule(_L + "input_layernorm.weight", _H + "input_layernorm.weight"),
-    _rule(_L + "self_attention.linear_qkv.weight", _ATTN + "q_proj.weight", _ATTN + "k_proj.weight",
-          _ATTN + "v_proj.weight", tp_dim=0, fuse="qkv"),
-    _rule(_L + "self_attention.linear_qkv.bias", _ATTN + "q_proj.bias", _ATTN + "k_proj.bias",
-          _ATTN + "v_proj.bias", tp_dim=0, fuse="qkv"),
-    _rule(_L + "self_attention.linear_proj.weight", _ATTN + "o_proj.weight", tp_dim=1),
-    _rule(_L + "self_attention.q_layernorm.weight", _ATTN + "q_norm.weight"),
-    _rule(_L + "self_attention.k_layernorm.weight", _ATTN + "k_norm.weight"),
-    _rule(_L + "pre_mlp_layernorm.weight", _H + "post_attention_layernorm.weight"),
-    # dense MLP (dense Qwen3, or the MoE model's mlp_only_layers)
-    _rule(_L + "mlp.linear_fc1.weight", _H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight",
-          tp_dim=0, fuse="concat"),
-    _rule(_L + "mlp.linear_fc2.weight", _H + "mlp.down_proj.weight", tp_dim=1),
-    # MoE
-    _rule(_L + "mlp.router.weight", _H + "mlp.gate.weight"),
-    _rule(_L + "mlp.experts.local_experts.{expert}.linear_fc1.weight", _EXPERT + "gate_proj.weight",
-          _EXPERT + "up_proj.weight", tp_dim=0, fuse="concat", expert=True),
-    _rule(_L + "mlp.experts.local_experts.{expert}.linear_fc2.weight", _EXPERT + "down_proj.weight",
-          tp_dim=1, expert=True),
-    _rule(_L + "mlp.shared_experts.linear_fc1.weight", _H + "mlp.shared_expert.gate_proj.weight",
-          _H + "mlp.shared_expert.up_proj.weight", tp_dim=0, fuse="concat"),
-    _rule(_L + "mlp.shared_experts.linear_fc2.weight", _H + "mlp.shared_expert.down_proj.weight", tp_dim=1),
-    _rule(_L + "mlp.shared_experts.gate_weight", _H + "mlp.shared_expert_gate.weight"),
+TABLE = WeightTable(SHARED_RULES + shared_expert_rules("mlp.shared_expert") + (
+    rule(L + "self_attention.linear_qkv.weight", ATTN + "q_proj.weight", ATTN + "k_proj.weight",
+         ATTN + "v_proj.weight", tp_dim=0, fuse="qkv"),
+    rule(L + "self_attention.linear_qkv.bias", ATTN + "q_proj.bias", ATTN + "k_proj.bias",
+         ATTN + "v_proj.bias", tp_dim=0, fuse="qkv"),
+    rule(L + "self_attention.linear_proj.weight", ATTN + "o_proj.weight", tp_dim=1),
+    rule(L + "self_attention.q_layernorm.weight", ATTN + "q_norm.weight"),
+    rule(L + "self_attention.k_layernorm.weight", ATTN + "k_norm.weight"),
+    rule(L + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight"),
 ))
 
 
@@ -101,16 +73,10 @@ def transformer_config(hf, pcfg: ParallelConfig, use_te: bool, *, qwen2: bool = 
             moe_router_topk=hf.num_experts_per_tok,
             moe_router_pre_softmax=not hf.norm_topk_prob,
             moe_router_score_function="softmax",
-            moe_router_dtype="fp32",
-            # No auxiliary loss: it does not change the forward pass, and RL post-training
-            # with LoRA keeps the router frozen (routing must match the rollout engine's).
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
             moe_layer_freq=_moe_layer_pattern(hf),
             moe_shared_expert_intermediate_size=shared,
             moe_shared_expert_gate=shared is not None,
-            moe_grouped_gemm=False,
-            moe_token_dispatcher_type="alltoall" if use_te else "allgather",
+            **moe_runtime_kwargs(use_te),
         )
     return TransformerConfig(
         num_layers=hf.num_hidden_layers,
@@ -126,22 +92,7 @@ def transformer_config(hf, pcfg: ParallelConfig, use_te: bool, *, qwen2: bool = 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=qwen2 and bool(hf.qkv_bias),
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=pcfg.tp,
-        pipeline_model_parallel_size=pcfg.pp,
-        expert_model_parallel_size=pcfg.ep,
-        expert_tensor_parallel_size=pcfg.etp,
-        context_parallel_size=pcfg.cp,
-        sequence_parallel=pcfg.sp,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=False,
+        **common_config_kwargs(pcfg),
         **moe,
     )
 

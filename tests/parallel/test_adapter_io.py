@@ -259,7 +259,8 @@ def test_export_is_real_peft(single, tiny_dense_dir):
 
 def _train_one_step(model):
     """An AdamW step on layout-independent fake gradients (each factor's full noise, sliced)."""
-    from parallel.lora import adapter_parameters, factor_generator
+    from parallel.lora import adapter_parameters
+    from parallel.lora_factors import factor_generator
 
     params = adapter_parameters(model)
     for name, p in params.items():

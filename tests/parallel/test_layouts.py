@@ -1,7 +1,9 @@
 """Every parallel layout computes the same function (DESIGN.md invariants), end to end.
 
 For each layout, through ``TrainingEngine`` on the tiny Qwen3-MoE (and, on one process and
-TP2, dense Qwen3 and a Qwen2-MoE with a gated shared expert and q/k/v biases): log-probs equal HF transformers' (1e-4); HF -> shards -> HF export is
+TP2, dense Qwen3 and a Qwen2-MoE with a gated shared expert and q/k/v biases; on one process,
+TP2+SP, EP2 and PP2, a DeepSeek-V3-family model: MLA, a dense first layer, sigmoid group-limited
+routing with a non-zero expert bias that training must leave unchanged, a shared expert): log-probs equal HF transformers' (1e-4); HF -> shards -> HF export is
 exact; entropy and log-probs at temperature 0.7 equal HF's; LoRA with B = 0 is exactly the base model; only adapters train and carry optimizer
 state; after 3 AdamW steps the first step's reduced gradient, the grad norms, the adapters
 the summed loss and the log-probs equal the one-process run's (1e-5); the adapter merged into the HF model
@@ -35,8 +37,12 @@ LAYOUTS = {  # name: (model, nproc, layout)
     "dense_tp2": ("dense", 2, ParallelConfig(tp=2)),
     "qwen2moe_1proc": ("qwen2moe", 1, ParallelConfig()),
     "qwen2moe_tp2_sp": ("qwen2moe", 2, ParallelConfig(tp=2, sp=True, etp=1)),
+    "dsv3_1proc": ("dsv3", 1, ParallelConfig()),
+    "dsv3_tp2_sp": ("dsv3", 2, ParallelConfig(tp=2, sp=True, etp=1)),
+    "dsv3_ep2": ("dsv3", 2, ParallelConfig(ep=2)),
+    "dsv3_pp2": ("dsv3", 2, ParallelConfig(pp=2)),
 }
-ONE_PROCESS = {"moe": "1proc", "dense": "dense_1proc", "qwen2moe": "qwen2moe_1proc"}
+ONE_PROCESS = {"moe": "1proc", "dense": "dense_1proc", "qwen2moe": "qwen2moe_1proc", "dsv3": "dsv3_1proc"}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +62,15 @@ def tiny_qwen2_moe_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_deepseek_v3_dir(tmp_path_factory):
+    """DeepSeek-V3 family: MLA (q/kv low rank), layer 0 dense, 8 experts in 4 groups (2 chosen), top-4."""
+    from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-dsv3"),
+                           TinyModelSpec(arch="deepseek_v3", experts=8, topk=4, n_group=4, topk_group=2))
+
+
 def _base_job(model_dir) -> ParityJob:
     from parallel.lora import LoraConfig
 
@@ -64,8 +79,8 @@ def _base_job(model_dir) -> ParityJob:
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tiny_moe_dir, tiny_dense_dir, tiny_qwen2_moe_dir):
-    return {"moe": tiny_moe_dir, "dense": tiny_dense_dir, "qwen2moe": tiny_qwen2_moe_dir}
+def model_dirs(tiny_moe_dir, tiny_dense_dir, tiny_qwen2_moe_dir, tiny_deepseek_v3_dir):
+    return {"moe": tiny_moe_dir, "dense": tiny_dense_dir, "qwen2moe": tiny_qwen2_moe_dir, "dsv3": tiny_deepseek_v3_dir}
 
 
 @pytest.fixture(scope="module")
@@ -101,5 +116,5 @@ def test_layout_matches_hf_and_one_process(layout, layout_runs, references):
     print(layout, json.dumps(report))  # the numbers, shown with ``pytest -rP``
     assert not failures(report), f"{failures(report)} failed: {report}"
     # every check ran, and training moved the model away from the base
-    assert {"max_abs_lora_diff", "max_abs_merged_diff", "max_abs_grad_diff"} <= report.keys()
+    assert {"max_abs_lora_diff", "max_abs_merged_diff", "max_abs_grad_diff", "max_abs_expert_bias_drift"} <= report.keys()
     assert (result["trained_logprobs"] - result["logprobs"]).abs().max() > 1e-2

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel.lora import LoraConfig, Shard, init_full_factor
+from parallel.lora import LoraConfig
+from parallel.lora_factors import Shard, init_full_factor
 
 TOL = 1e-6
 HIDDEN, FFN, HEADS, GROUPS, HEAD_DIM = 16, 8, 4, 2, 4

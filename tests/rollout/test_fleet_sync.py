@@ -161,15 +161,19 @@ def test_killed_engine_is_named_and_replaced(fleet, policy):
     outcome: dict[str, object] = {}
 
     def run():
-        try:
-            fleet.generate(big, 8, dataclasses.replace(SAMPLING, max_tokens=64))
-        except EngineError as error:
-            outcome["error"], outcome["at"] = error, time.monotonic()
+        # Generate back to back so that the kill lands inside a call however fast it is.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                fleet.generate(big, 8, dataclasses.replace(SAMPLING, max_tokens=64))
+            except EngineError as error:
+                outcome["error"], outcome["at"] = error, time.monotonic()
+                return
 
     thread = threading.Thread(target=run)
     thread.start()
     time.sleep(1.5)
-    assert thread.is_alive(), "generate finished before the engine could be killed"
+    assert thread.is_alive()
     killed_at = time.monotonic()
     ray.kill(fleet.actors[1], no_restart=True)
     thread.join(timeout=60)

@@ -1,0 +1,1 @@
+"""The layout planner: memory and communication of every training-fleet layout (docs/PLANNER.md)."""
