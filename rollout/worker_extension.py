@@ -17,6 +17,16 @@ error; ``rollout.config.EngineConfig`` refuses them on CPU.
 
 from __future__ import annotations
 
+import logging
+
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def _drop_rotary_reload_warning(record: logging.LogRecord) -> bool:
+    """The rotary embedding's cos/sin cache is a buffer no HF checkpoint holds: vLLM keeps
+    its own on every reload and warns each time ("RotaryEmbedding: Failed to load weights")."""
+    return not (record.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
+
 
 class WeightReloadExtension:
     """Mixed into vLLM's Worker: ``self`` is the worker (model_runner, vllm_config, ...)."""
@@ -28,6 +38,9 @@ class WeightReloadExtension:
         """
         from vllm.platforms import current_platform
 
+        reload_logger = logging.getLogger(RELOAD_LOGGER)
+        if _drop_rotary_reload_warning not in reload_logger.filters:
+            reload_logger.addFilter(_drop_rotary_reload_warning)
         self.reload_weights(weights_path=folder)
         if not current_platform.is_cpu():
             return 0
