@@ -37,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_configs(overrides: list[str]):
-    """(hf_config, ModelConfig, LoraConfig) of the composed Hydra tree."""
+    """(hf_config, the ``model`` config group chosen, LoraConfig) of the composed Hydra tree."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from transformers import AutoConfig
@@ -47,9 +47,12 @@ def load_configs(overrides: list[str]):
     from trainers.typed_config import build
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        tree = OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
-    model = build(ModelConfig, tree["model"], "model")
-    lora = build(LoraConfig, tree["lora"], "lora")
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        model_name = OmegaConf.select(cfg, "hydra.runtime.choices.model")
+        model_tree = OmegaConf.to_container(cfg.model, resolve=True)
+        lora_tree = OmegaConf.to_container(cfg.lora, resolve=True)
+    model = build(ModelConfig, model_tree, "model")
+    lora = build(LoraConfig, lora_tree, "lora")
     if model.hf_config:
         fields = dict(model.hf_config)
         hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -57,7 +60,7 @@ def load_configs(overrides: list[str]):
         hf_config = AutoConfig.from_pretrained(model.hf_path)
     else:
         raise ValueError("parallel.count needs model.hf_config or model.hf_path (the tiny model has no fixed shape)")
-    return hf_config, model, lora
+    return hf_config, model_name, lora
 
 
 def _routed_experts(model):
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
     from parallel.launch import launch
 
     overrides = list(sys.argv[1:] if argv is None else argv)
-    hf_config, _, lora = load_configs(overrides)
+    hf_config, model_name, lora = load_configs(overrides)
     nproc = min(2, os.cpu_count() or 1)
     counts = launch(count_worker, nproc, hf_config, lora, timeout_s=600)
     for key in ("total_params", "active_params", "active_params_excl_embedding",
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
         print(f"{key:>28}: {counts[key] / 1e9:10.3f} B")
     print(f"{'adapter_share':>28}: {100 * counts['adapter_share']:10.3f} %  (rank {lora.rank}, "
           f"{'shared outer' if lora.share_expert_outer else 'per-expert'} factors)")
-    print(json.dumps({"model_type": hf_config.model_type, **counts}))
+    print(json.dumps({"model": model_name, "model_type": hf_config.model_type, **counts}))
     return 0
 
 

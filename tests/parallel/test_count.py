@@ -42,6 +42,7 @@ def test_scaled_kimi_k2_counts_match_hf(capsys):
     assert counts["adapter_params_per_expert"] - counts["adapter_params_shared_outer"] == saved
     assert counts["adapter_params"] == counts["adapter_params_per_expert"]
     assert counts["peak_rss_mib"] < 2048
+    assert (counts["model"], counts["model_type"]) == ("kimi_k2", "deepseek_v3")
     # the planner's analytic shapes (trainers.planner) agree with the built model
     from trainers.planner.shapes import shapes_from_hf
 
