@@ -16,6 +16,7 @@ variables work too).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -120,6 +121,9 @@ def init_parallel(cfg: ParallelConfig, seed: int = 0) -> None:
     CPU compatibility layer first when CUDA is absent (``parallel.compat``).
     """
     apply_cpu_compat()  # no-op with CUDA
+    # megatron-core 0.16 calls torch.distributed's renamed collectives (all_gather_into_tensor,
+    # reduce_scatter_tensor); torch 2.13 warns once per call site on every rank of every run.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
