@@ -135,6 +135,7 @@ def run(tree: dict, log=print) -> dict:
 
     training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, cfg.lora, cfg.trainer.train_world_size,
                                                cfg.trainer.micro_batch_size, cfg.trainer.seed), placement)
+    log(f"training fleet: {cfg.trainer.train_world_size} Megatron ranks, process ids by rank {training.pids}")
     rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
                           num_cpus_per_engine=placement.engine_cpus)
     rollout = RolloutFleet(rollout_cfg, placement.group, placement.engine_bundles)

@@ -118,13 +118,30 @@ class TrainingFleet:
 
     def _all(self, method: str, *args):
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
-        results = []
+        try:
+            return ray.get(refs, timeout=self.call_timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            stuck = ray.wait(refs, num_returns=len(refs), timeout=0)[1]
+            raise TrainingRankDied(refs.index(stuck[0]), f"no answer to {method} in {self.call_timeout_s:g} s") from err
+        except ray.exceptions.RayError as err:
+            # A dead rank also fails its peers' collectives (gloo/NCCL: connection closed), and
+            # that error may arrive first: name the rank whose process is gone.
+            dead = self._dead_rank(refs)
+            if dead is None:
+                raise
+            raise TrainingRankDied(dead[0], f"{type(dead[1]).__name__}: {str(dead[1])[:500]}") from err
+
+    @staticmethod
+    def _dead_rank(refs, wait_s: float = 30.0) -> tuple[int, Exception] | None:
+        """The first rank whose call failed because its actor died, with that error."""
         for rank, ref in enumerate(refs):
             try:
-                results.append(ray.get(ref, timeout=self.call_timeout_s))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                raise TrainingRankDied(rank, f"{type(err).__name__}: {str(err)[:500]}") from err
-        return results
+                ray.get(ref, timeout=wait_s)
+            except ray.exceptions.RayActorError as err:
+                return rank, err
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                continue
+        return None
 
     # The engine API, fleet-wide: every rank gets the call, rank 0 answers.
     def compute_logprobs(self, batch, temperature: float = 1.0, with_entropy: bool = False,

@@ -3,7 +3,8 @@
 - a short run finishes with metrics, plot, W&B (offline) run and PEFT adapter;
 - a run SIGKILLed after step k and resumed records every step once, and the steps after the
   resume equal those of the uninterrupted run;
-- a rollout engine killed mid-run is restarted and the run finishes.
+- a rollout engine killed mid-run is restarted and the run finishes;
+- a training rank killed mid-run stops the run with a message saying how to resume.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,3 +147,21 @@ def test_a_killed_rollout_engine_is_restarted_and_the_run_finishes(tmp_path, cac
     text = log.read_text()
     assert "restarting engine 0" in text
     assert [r["step"] for r in rows(run_dir)] == [0, 1, 2, 3]
+
+
+def test_a_dead_training_rank_stops_the_run_with_how_to_resume(tmp_path, cache):
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start(overrides(run_dir, cache, steps=50), log)
+    # step 2 logged: step 1's checkpoint is complete
+    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= 3, proc, log)
+    # Rank 1: its death also breaks rank 0's collectives, whose error may be seen first.
+    pids = json.loads(re.search(r"process ids by rank (\[.*\])", log.read_text()).group(1))
+    os.kill(pids[1], signal.SIGKILL)
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        kill_session(proc)
+    text = log.read_text()
+    assert rc == 1, text[-6000:]
+    assert "training rank 1" in text and "The run stopped. Newest complete checkpoint: step" in text
+    assert f"trainer.resume=auto trainer.run_dir={run_dir}" in text
