@@ -52,18 +52,11 @@ import torch.distributed as dist
 from parallel.arch import build_model, get_arch
 from parallel.checkpoint import export_hf_state_dict, load_hf_checkpoint
 from parallel.logprobs import token_entropy, token_logprobs
+from parallel.lora import inject_lora
 from parallel.optim import AdamWSettings, ShardedAdamW
 from parallel.topology import ParallelConfig, init_parallel, validate_layout
 
 ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
-
-
-def _inject_lora(model: torch.nn.Module, lora_cfg) -> None:
-    try:
-        from parallel.lora import inject_lora
-    except ImportError as err:  # the LoRA part lands separately
-        raise NotImplementedError("LoRA requested but parallel.lora.inject_lora is not available") from err
-    inject_lora(model, lora_cfg)
 
 
 @dataclass
@@ -97,7 +90,7 @@ class TrainingEngine:
         self.model.config.calculate_per_token_loss = True
         load_hf_checkpoint(self.model, hf_model_dir, self.arch, self.hf_config)
         if lora is not None:
-            _inject_lora(self.model, lora)
+            inject_lora(self.model, lora)
         self.optimizer = ShardedAdamW(list(self.model.named_parameters()))
         self._dp_rank = ps.get_data_parallel_rank()
         self._dp_size = ps.get_data_parallel_world_size()

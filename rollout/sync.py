@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-class WeightSync:
+class WeightSync(ABC):
     """Stages new weights from a ``WeightSource`` and loads them into every engine."""
 
     method: str
@@ -109,8 +110,9 @@ class WeightSync:
             engines=len(engine_seconds),
         )
 
+    @abstractmethod
     def _stage(self, source: WeightSource, path: Path) -> None:
-        raise NotImplementedError
+        """Writes this method's payload for ``source``'s current policy into ``path``."""
 
     def close(self) -> None:
         """Deletes the staged payloads (restarted engines can no longer reload them)."""
