@@ -3,7 +3,7 @@
     python -m parallel.count model=kimi_k2 [lora.rank=128] [lora.target_modules=[...]]
     python -m parallel.count model=deepseek_v3
 
-Arguments are Hydra overrides of ``configs/train.yaml``; the model comes from
+Arguments are Hydra overrides of ``configs/count.yaml``; the model comes from
 ``model.hf_config`` (an inline HF config) or ``model.hf_path``. One rank builds the whole
 model with ``parallel.arch.build_model(..., meta=True)`` (the same builder and megatron
 config as training, every weight on the meta device: nothing is allocated), injects LoRA
@@ -31,36 +31,46 @@ import json
 import os
 import resource
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from parallel.lora import LoraConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class CountConfig:
+    """``configs/count.yaml``'s schema: a ``model`` group (only ``hf_config`` or ``hf_path``
+    is read: this tool needs shapes, no weights) and the adapter to count."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def load_configs(overrides: list[str]):
     """(hf_config, the ``model`` config group chosen, LoraConfig) of the composed Hydra tree."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
     from transformers import AutoConfig
 
-    from parallel.lora import LoraConfig
-    from trainers.config import ModelConfig
-    from trainers.typed_config import build
-
+    ConfigStore.instance().store(name="count_schema", node=CountConfig)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        model_name = OmegaConf.select(cfg, "hydra.runtime.choices.model")
-        model_tree = OmegaConf.to_container(cfg.model, resolve=True)
-        lora_tree = OmegaConf.to_container(cfg.lora, resolve=True)
-    model = build(ModelConfig, model_tree, "model")
-    lora = build(LoraConfig, lora_tree, "lora")
-    if model.hf_config:
-        fields = dict(model.hf_config)
+        tree = compose("count", overrides=overrides, return_hydra_config=True)
+        model_name = OmegaConf.select(tree, "hydra.runtime.choices.model")
+        del tree["hydra"]
+        cfg: CountConfig = OmegaConf.to_object(tree)
+    model = cfg.model
+    if model.get("hf_config"):
+        fields = dict(model["hf_config"])
         hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    elif model.hf_path:
-        hf_config = AutoConfig.from_pretrained(model.hf_path)
+    elif model.get("hf_path"):
+        hf_config = AutoConfig.from_pretrained(model["hf_path"])
     else:
         raise ValueError("parallel.count needs model.hf_config or model.hf_path (the tiny model has no fixed shape)")
-    return hf_config, model_name, lora
+    return hf_config, model_name, cfg.lora
 
 
 def _routed_experts(model):

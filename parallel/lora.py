@@ -57,7 +57,7 @@ ALL_TARGETS = DENSE_TARGETS + EXPERT_TARGETS
 INIT_A = ("kaiming_uniform", "normal")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoraConfig:
     """What to adapt and how. Validated at construction (``ConfigError`` names ``lora.<field>``).
 
@@ -80,8 +80,8 @@ class LoraConfig:
         an adapter is the same whatever the parallel layout.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ALL_TARGETS
     share_expert_outer: bool = False
@@ -95,7 +95,7 @@ class LoraConfig:
         check_range("lora.rank", self.rank, ge=1)
         check_range("lora.alpha", self.alpha, gt=0)
         check_range("lora.dropout", self.dropout, ge=0, lt=1)
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ConfigError("lora.target_modules", self.target_modules, "must name at least one module")
         for name in self.target_modules:

@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     result = launch(run_job, args.nproc, job)
     report = compare(result, job, hf=hf_references(args.hf_model, job.batch), original_state=original,
                      one_process=one_process)
-    report = {"layout": {"tp": pcfg.tp, "pp": pcfg.pp, "ep": pcfg.ep, "etp": pcfg.etp, "sp": pcfg.sp,
+    report = {"layout": {"tp": pcfg.tp, "pp": pcfg.pp, "ep": pcfg.ep, "etp": pcfg.expert_tp, "sp": pcfg.sp,
                          "nproc": args.nproc}, **report, "failed": failures(report)}
     print(json.dumps(report))
     return 1 if report["failed"] else 0

@@ -40,7 +40,7 @@ class ModelDims:
         return self.num_experts > 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParallelConfig:
     """Parallel sizes of the training fleet; ``etp=None`` means "same as tp" (megatron's default)."""
 
@@ -54,14 +54,18 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "cp"):
             check_range(f"parallel.{name}", getattr(self, name), ge=1)
-        if self.etp is None:
-            object.__setattr__(self, "etp", self.tp)
-        check_range("parallel.etp", self.etp, ge=1)
+        if self.etp is not None:
+            check_range("parallel.etp", self.etp, ge=1)
         if self.sp and self.tp == 1:
             raise ConfigError("parallel.sp", self.sp, "sequence parallelism needs parallel.tp > 1")
         if self.cp != 1:
             raise ConfigError("parallel.cp", self.cp, "must be 1: the engine does not split sequences "
                               "for context parallelism (it also needs Transformer Engine attention)")
+
+    @property
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel size: ``etp``, or ``tp`` when unset (megatron's default)."""
+        return self.tp if self.etp is None else self.etp
 
     def data_parallel_size(self, world_size: int) -> int:
         self.check_world(world_size)
@@ -69,7 +73,7 @@ class ParallelConfig:
 
     def expert_data_parallel_size(self, world_size: int) -> int:
         self.check_world(world_size)
-        return world_size // (self.etp * self.ep * self.pp)
+        return world_size // (self.expert_tp * self.ep * self.pp)
 
     def check_world(self, world_size: int) -> None:
         """The world must hold whole dense replicas (TPxCPxPP) and whole expert replicas (ETPxEPxPP)."""
@@ -77,10 +81,10 @@ class ParallelConfig:
         if world_size < 1 or world_size % dense:
             raise ConfigError("world_size", world_size,
                               f"must be a multiple of tp*cp*pp = {self.tp}*{self.cp}*{self.pp} = {dense}")
-        expert = self.etp * self.ep * self.pp
+        expert = self.expert_tp * self.ep * self.pp
         if world_size % expert:
             raise ConfigError("world_size", world_size,
-                              f"must be a multiple of etp*ep*pp = {self.etp}*{self.ep}*{self.pp} = {expert}")
+                              f"must be a multiple of etp*ep*pp = {self.expert_tp}*{self.ep}*{self.pp} = {expert}")
 
 
 def validate_layout(cfg: ParallelConfig, world_size: int, dims: ModelDims) -> None:
@@ -99,7 +103,7 @@ def validate_layout(cfg: ParallelConfig, world_size: int, dims: ModelDims) -> No
         if cfg.tp > 1 and not cfg.sp:
             raise ConfigError("parallel.sp", cfg.sp, f"must be true for a MoE model with parallel.tp={cfg.tp} "
                               "(megatron requires sequence parallelism for MoE under tensor parallelism)")
-    elif cfg.ep > 1 or cfg.etp != cfg.tp:
+    elif cfg.ep > 1 or cfg.expert_tp != cfg.tp:
         raise ConfigError("parallel.ep", cfg.ep, "a dense model has no experts: ep must be 1 and etp unset")
 
 
@@ -136,7 +140,7 @@ def init_parallel(cfg: ParallelConfig, seed: int = 0) -> None:
         pipeline_model_parallel_size=cfg.pp,
         context_parallel_size=cfg.cp,
         expert_model_parallel_size=cfg.ep,
-        expert_tensor_parallel_size=cfg.etp,
+        expert_tensor_parallel_size=cfg.expert_tp,
         # The default group is gloo already on CPU; on GPU megatron's extra gloo groups only
         # serve its distributed optimizer, which trillora does not use.
         create_gloo_process_groups=False,

@@ -22,6 +22,9 @@ from rlcore.rewards import get_reward
 from rlcore.validation import ConfigError, check_choice, check_range
 
 ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
+# Estimators that compare a sample with the other samples of its prompt: a one-sample group
+# always gets advantage 0.
+GROUP_RELATIVE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
 
 
 def _field(name: str) -> str:
@@ -34,7 +37,7 @@ class AlgorithmConfig:
 
     # Advantages (rlcore.advantages): grpo = (R - mean) / (std + eps); drgrpo = R - mean;
     # rloo = leave-one-out baseline. norm_by_std None takes the estimator's own choice (True
-    # for grpo only) and is resolved to a bool on construction.
+    # for grpo only; see ``divides_by_std``).
     advantage_estimator: str = "grpo"
     norm_by_std: bool | None = None
     advantage_eps: float = 1e-6
@@ -50,9 +53,12 @@ class AlgorithmConfig:
     max_len: int | None = None
 
     # Regularisers: kl_coef * KL(pi || pi_ref) with estimator kl_kind; entropy bonus.
+    # track_reference_kl: measure KL(pi || pi_ref) every step even when kl_coef is 0 (one
+    # extra forward of the base model per step); None: only when kl_coef > 0.
     kl_coef: float = 0.0
     kl_kind: str = "k3"
     entropy_coef: float = 0.0
+    track_reference_kl: bool | None = None
 
     # Rollout correction (rlcore.correction): truncated IS between vLLM and Megatron.
     correction_enabled: bool = True
@@ -74,10 +80,9 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         check_choice(_field("advantage_estimator"), self.advantage_estimator, ADVANTAGE_ESTIMATORS)
-        if self.norm_by_std is None:
-            self.norm_by_std = self.advantage_estimator == "grpo"
-        _check_bool("norm_by_std", self.norm_by_std)
-        if self.norm_by_std and self.advantage_estimator != "grpo":
+        if self.norm_by_std is not None:
+            _check_bool("norm_by_std", self.norm_by_std)
+        if self.divides_by_std and self.advantage_estimator != "grpo":
             raise ConfigError(_field("norm_by_std"), True, "only advantage_estimator='grpo' "
                               f"divides by the std, not {self.advantage_estimator!r}")
         check_range(_field("advantage_eps"), self.advantage_eps, gt=0)
@@ -90,6 +95,8 @@ class AlgorithmConfig:
         check_range(_field("kl_coef"), self.kl_coef, ge=0)
         check_choice(_field("kl_kind"), self.kl_kind, KL_KINDS)
         check_range(_field("entropy_coef"), self.entropy_coef, ge=0)
+        if self.track_reference_kl is not None:
+            _check_bool("track_reference_kl", self.track_reference_kl)
 
         _check_bool("correction_enabled", self.correction_enabled)
         check_correction_args(
@@ -109,6 +116,19 @@ class AlgorithmConfig:
             get_reward(self.reward)
         except ConfigError as error:
             raise ConfigError(_field("reward"), self.reward, error.allowed) from None
+
+
+    # Settings left None take a value that follows from the others (a property, so that a
+    # config system filling defaults first and overrides later resolves them last).
+    @property
+    def divides_by_std(self) -> bool:
+        """``norm_by_std``, or the estimator's own choice (True for grpo only)."""
+        return self.advantage_estimator == "grpo" if self.norm_by_std is None else self.norm_by_std
+
+    @property
+    def tracks_reference_kl(self) -> bool:
+        """``track_reference_kl``, or whether the loss uses the reference (``kl_coef > 0``)."""
+        return self.kl_coef > 0 if self.track_reference_kl is None else self.track_reference_kl
 
 
 def _check_bool(name: str, value: object) -> None:

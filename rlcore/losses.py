@@ -65,7 +65,9 @@ def check_policy_loss_args(
     """
     check_choice(field("mode"), mode, POLICY_LOSS_MODES)
     check_choice(field("agg"), agg, LOSS_AGGS)
-    check_range(field("clip_low"), clip_low, ge=0, lt=1)
+    # The lower ratio bound 1 - clip_low may reach 0 (no lower truncation: CISPO's setting,
+    # Tinker's clip_low_threshold=0); below 0 it would bound a ratio that is never negative.
+    check_range(field("clip_low"), clip_low, ge=0, le=1)
     check_range(field("clip_high"), clip_high, ge=0)
     if dual_clip is not None:
         check_range(field("dual_clip"), dual_clip, gt=1)

@@ -7,7 +7,9 @@ with a message such as ``algorithm.clip_high=-0.1: must be >= 0``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -42,6 +44,8 @@ def check_range(
     active = [(op, b, ok) for op, b, ok in bounds if b is not None]
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(field, value, "must be a number")
+    if not math.isfinite(value):
+        raise ConfigError(field, value, "must be a finite number")
     if not all(ok(value, b) for _, b, ok in active):
         raise ConfigError(field, value, "must be " + " and ".join(f"{op} {b}" for op, b, _ in active))
 
@@ -65,3 +69,24 @@ def check_int(
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(field, value, "must be an int")
     check_range(field, value, ge=ge, gt=gt, le=le, lt=lt)
+
+
+def reject_non_finite(config: Any, prefix: str = "") -> None:
+    """Raises ``ConfigError`` naming the first float anywhere in ``config`` that is NaN or
+    infinite: a dataclass tree, walked through its fields, lists, tuples and mappings.
+
+    One walk over the built configuration covers every float field, including those whose
+    own checks only compare (``inf > 0`` holds, so ``lr=inf`` would pass a bound check).
+    """
+    if isinstance(config, float):
+        if not math.isfinite(config):
+            raise ConfigError(prefix or "value", config, "must be a finite number")
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        for f in dataclasses.fields(config):
+            reject_non_finite(getattr(config, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(config, Mapping):
+        for key, value in config.items():
+            reject_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            reject_non_finite(value, f"{prefix}[{i}]")

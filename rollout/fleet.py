@@ -18,7 +18,7 @@ from ray.exceptions import RayError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rollout.config import RolloutConfig, SamplingConfig
+from rollout.config import RolloutConfig, SamplingConfig, check_engine_for_model
 from rollout.engine import RolloutEngineActor, WeightUpdate
 from rollout.samples import SampleGroup
 from rollout.seeding import prompt_seeds
@@ -68,6 +68,7 @@ class RolloutFleet:
             raise ValueError("bundle_indices need a placement_group")
         if bundle_indices is not None and len(bundle_indices) != config.engines:
             raise ValueError(f"got {len(bundle_indices)} bundle indices for {config.engines} engines")
+        check_engine_for_model(config.engine)  # before any actor starts
         self.config = config
         self._placement_group = placement_group
         self._bundle_indices = list(bundle_indices) if bundle_indices is not None else None

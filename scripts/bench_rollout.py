@@ -32,7 +32,7 @@ from rollout.fleet import RolloutFleet
 from rollout.reference import ATTENTION, DENSE_MLP, HFPolicy
 from rollout.seeding import prompt_seeds
 from rollout.sync import make_weight_sync
-from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
+from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 
 SIZES = {
     # the test model (0.2M parameters)

@@ -3,7 +3,7 @@
     python -m scripts.bench_training --out bench.json [--models tiny,cpu-moe] [--batch 8 --seq 128]
                                      [--lora-rank 8] [--iters 3] [--nproc 1 --tp 1 --ep 1 --sp]
 
-For each model it builds the HF checkpoint on the spot (``scripts/make_tiny_model.py``),
+For each model it builds the HF checkpoint on the spot (``parallel.arch.tiny``),
 launches the ranks, and times, through ``parallel.engine.TrainingEngine``:
 
 - ``forward_tokens_per_s``: ``compute_logprobs`` of the frozen base model (the adapters
@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from parallel.launch import launch
 from parallel.topology import ParallelConfig
-from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
+from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 
 MODELS = {
     "tiny": TinyModelSpec(),

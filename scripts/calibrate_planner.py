@@ -2,7 +2,7 @@
 
     python -m scripts.calibrate_planner --out calibration.json [--configs small,ep2,tp2]
 
-For each configuration it writes a Qwen3-MoE checkpoint (``scripts/make_tiny_model.py``),
+For each configuration it writes a Qwen3-MoE checkpoint (``parallel.arch.tiny``),
 launches the ranks, builds ``parallel.engine.TrainingEngine`` with LoRA (fp32, CPU) and runs
 ``forward_backward`` + ``optim_step`` twice, measuring on every rank:
 
@@ -39,7 +39,7 @@ import torch
 
 from parallel.launch import launch
 from parallel.topology import ParallelConfig
-from scripts.make_tiny_model import TinyModelSpec, build_config, make_tiny_model
+from parallel.arch.tiny import TinyModelSpec, build_config, make_tiny_model
 from trainers.planner.memory import ADAPTER_BYTES_PER_PARAM, Workload, estimate_memory
 from trainers.planner.shapes import shapes_from_hf
 

@@ -18,38 +18,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from rlcore.validation import ConfigError  # noqa: E402
+from trainers.planner.config import PlanConfig, register_plan_configs  # noqa: E402
+
+register_plan_configs()
 
 
 @hydra.main(config_path="../configs", config_name="plan", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    from parallel.lora import LoraConfig
-    from trainers.config import TrainerConfig
-    from trainers.planner.cluster import ClusterConfig
-    from trainers.planner.memory import RolloutEngine, Workload
+def main(tree: DictConfig) -> None:
+    from trainers.config import load_config
+    from trainers.planner.memory import Workload
     from trainers.planner.plan import hf_fields, plan, report
     from trainers.planner.shapes import shapes_from_hf
-    from trainers.typed_config import build
 
-    tree = OmegaConf.to_container(cfg, resolve=True)
     try:
-        cluster = build(ClusterConfig, tree["cluster"], "cluster")
-        lora = build(LoraConfig, tree["lora"], "lora")
-        trainer = build(TrainerConfig, tree["trainer"], "trainer")
-        workload = Workload(micro_batch_size=trainer.micro_batch_size, seq_len=tree["seq_len"],
-                            lora_rank=lora.rank, dtype=tree["dtype"], attention=tree["attention"])
-        rollout = build(RolloutEngine, tree["rollout_engine"], "rollout_engine") if tree["colocated"] else None
-        shapes = shapes_from_hf(hf_fields(tree["model"]))
+        cfg: PlanConfig = load_config(PlanConfig, tree)
+        workload = Workload(micro_batch_size=cfg.trainer.micro_batch_size, seq_len=cfg.seq_len,
+                            lora_rank=cfg.lora.rank, dtype=cfg.dtype, attention=cfg.attention)
+        shapes = shapes_from_hf(hf_fields(cfg.model))
         # K2 is built as DeepSeek-V3 (its model_type): name it by the config group chosen.
         model_choice = HydraConfig.get().runtime.choices.get("model", shapes.name)
         shapes = dataclasses.replace(shapes, name=f"{model_choice} ({shapes.name})")
-        result = plan(shapes, cluster, workload, trainer.mini_batch_prompts * trainer.samples_per_prompt, rollout)
+        result = plan(shapes, cfg.cluster, workload, cfg.trainer.mini_batch_prompts * cfg.trainer.samples_per_prompt,
+                      cfg.rollout_engine if cfg.colocated else None)
     except ConfigError as err:
         print(f"invalid configuration: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(report(result, cluster, workload, top=tree["top"]))
+    print(report(result, cfg.cluster, workload, top=cfg.top))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from rlcore.validation import ConfigError  # noqa: E402
+from trainers.config import register_configs  # noqa: E402
+
+register_configs()
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
+from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -1,39 +1,50 @@
 """The whole run's configuration: one typed, validated dataclass per Hydra group.
 
-``RunConfig.from_omegaconf(cfg)`` converts the composed Hydra tree and validates it,
-including the checks that need several groups at once (layout vs model, batch sizes vs
-group sizes, sync method vs model type), before any Ray actor starts.
+The dataclasses are the single definition of every field (type, default, validation in
+``__post_init__``). ``register_configs()`` stores ``RunConfig`` in Hydra's ConfigStore as the
+schema ``run_schema`` that ``configs/train.yaml`` starts from; the YAML group files are
+presets that only override (``algorithm=dapo``, ``model=kimi_k2``). ``load_run_config``
+turns a composed tree into a ``RunConfig``: OmegaConf checks types and unknown keys, the
+dataclasses check values, every float must be finite, and every error is a ``ConfigError``
+naming the dotted field. Checks that need the model's own config (layout vs heads and
+experts, engine vs model) and several groups at once live in ``validate_run``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parallel.arch import get_arch
+from parallel.arch.tiny import TinyModelSpec
 from parallel.lora import LoraConfig
-from parallel.topology import ParallelConfig
-from rlcore.config import AlgorithmConfig
-from rlcore.validation import ConfigError, check_choice, check_int, check_range
-from rollout.config import RolloutConfig, SamplingConfig
+from parallel.topology import ParallelConfig, validate_layout
+from rlcore.config import GROUP_RELATIVE_ESTIMATORS, AlgorithmConfig
+from rlcore.validation import ConfigError, check_choice, check_int, check_range, reject_non_finite
+from rollout.config import RolloutConfig, check_engine_for_model
 from trainers.tracking import LoggerConfig
-from trainers.typed_config import build
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SCHEMA_NAME = "run_schema"
 
 
 @dataclass
 class ModelConfig:
     """The base model: an HF checkpoint directory, or the demo's tiny MoE built on the spot.
 
-    With ``hf_path`` null the tiny model described by ``tiny`` (scripts.make_tiny_model
-    fields) is made, then fine-tuned on the task for ``sft_steps`` (trainers.sft), and the
-    result cached under ``cache_dir`` keyed by everything that determines it.
-    ``hf_config``: an HF ``config.json`` written inline (``model_type`` plus its fields), for
-    tools that need a model's shapes but no weights (``python -m parallel.count``).
+    With ``hf_path`` null the tiny model described by ``tiny`` (``parallel.arch.tiny``) is
+    made, then fine-tuned on the task for ``sft_steps`` (``trainers.sft``), and the result
+    cached under ``cache_dir`` keyed by everything that determines it. ``hf_config``: an HF
+    ``config.json`` written inline (``model_type`` plus its fields), for tools that need a
+    model's shapes but no weights (``python -m parallel.count``).
     """
 
     hf_path: str | None = None
-    tiny: dict[str, Any] = field(default_factory=dict)
+    tiny: TinyModelSpec | None = None
     hf_config: dict[str, Any] = field(default_factory=dict)
     sft_steps: int = 0
     sft_lr: float = 3e-3
@@ -57,7 +68,7 @@ class TaskConfig:
     """Where prompts come from: the synthetic arithmetic task, or JSONL files users bring."""
 
     name: str = "arithmetic"  # arithmetic | jsonl
-    difficulty: int = 3
+    difficulty: int = 2
     train_jsonl: str | None = None
     heldout_jsonl: str | None = None
     heldout_size: int = 200
@@ -72,14 +83,18 @@ class TaskConfig:
         check_int("task.heldout_size", self.heldout_size, ge=1)
 
 
+RUN_DIR_POLICIES = ("refuse", "overwrite", "new")
+FAULT_KINDS = ("nan", "inf", "skip_update")
+
+
 @dataclass
 class TrainerConfig:
-    """The RL loop: sizes of a step, the optimizer, evaluation, checkpoints, placement."""
+    """The RL loop: sizes of a step, the optimizer, evaluation, checkpoints, placement, safety."""
 
-    steps: int = 60
+    steps: int = 100
     prompts_per_step: int = 32
     samples_per_prompt: int = 8
-    ppo_epochs: int = 1
+    ppo_epochs: int = 2
     mini_batch_prompts: int = 8  # prompts per optimizer step (all their samples)
     micro_batch_size: int = 64  # rows per forward/backward micro-batch on a rank
     lr: float = 1e-3
@@ -89,29 +104,52 @@ class TrainerConfig:
     eval_every: int = 10
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | never
     seed: int = 0
     run_dir: str = "outputs/run"
+    # auto: continue from the newest intact checkpoint of run_dir if there is one; never: start
+    # afresh. A fresh start into a run_dir that holds another run's files follows
+    # if_run_dir_exists: refuse (the default), overwrite (delete them), new (use run_dir-N).
+    resume: str = "auto"
+    if_run_dir_exists: str = "refuse"
     ray_address: str | None = None  # null: start a local Ray instance
     placement: str = "colocated"  # colocated | separate
     train_world_size: int = 2
     reward_timeout_s: float = 10.0
     reward_workers: int = 2
+    # Safety: a step whose loss or gradient norm is not finite is skipped on every rank; this
+    # many consecutive skipped optimizer steps stop the run. SIGTERM/SIGINT checkpoint at the
+    # step boundary within preemption_grace_s seconds, then exit (status 75).
+    max_skipped_steps: int = 3
+    preemption_grace_s: float = 120.0
+    # Fault injection for tests and drills: at these RL steps every mini-batch's loss is made
+    # nan or inf on the training ranks (real non-finite gradients), or the update is skipped
+    # outright (skip_update: the control a poisoned run is compared with).
+    fault_steps: tuple[int, ...] = ()
+    fault_kind: str = "nan"
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs",
                      "mini_batch_prompts", "micro_batch_size", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "train_world_size", "reward_workers"):
+                     "keep_checkpoints", "train_world_size", "reward_workers", "max_skipped_steps"):
             check_int(f"trainer.{name}", getattr(self, name), ge=1)
         check_int("trainer.seed", self.seed, ge=0)
         check_range("trainer.lr", self.lr, gt=0)
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2:
+            raise ConfigError("trainer.betas", list(self.betas), "must be two numbers")
         for i, beta in enumerate(self.betas):
             check_range(f"trainer.betas[{i}]", beta, ge=0, lt=1)
         check_range("trainer.weight_decay", self.weight_decay, ge=0)
         check_range("trainer.grad_clip", self.grad_clip, gt=0)
         check_range("trainer.reward_timeout_s", self.reward_timeout_s, gt=0)
+        check_range("trainer.preemption_grace_s", self.preemption_grace_s, gt=0)
         check_choice("trainer.resume", self.resume, ("auto", "never"))
+        check_choice("trainer.if_run_dir_exists", self.if_run_dir_exists, RUN_DIR_POLICIES)
         check_choice("trainer.placement", self.placement, ("colocated", "separate"))
+        check_choice("trainer.fault_kind", self.fault_kind, FAULT_KINDS)
+        self.fault_steps = tuple(self.fault_steps)
+        for step in self.fault_steps:
+            check_int("trainer.fault_steps", step, ge=1)
         if self.prompts_per_step % self.mini_batch_prompts:
             raise ConfigError("trainer.mini_batch_prompts", self.mini_batch_prompts,
                               f"must divide trainer.prompts_per_step={self.prompts_per_step}")
@@ -119,37 +157,89 @@ class TrainerConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig
-    parallel: ParallelConfig
-    lora: LoraConfig
-    rollout: RolloutConfig
-    sampling: SamplingConfig  # the Hydra tree nests it as rollout.sampling
-    algorithm: AlgorithmConfig
-    task: TaskConfig
-    trainer: TrainerConfig
-    logger: LoggerConfig
-
-    @staticmethod
-    def from_dict(tree: dict[str, Any]) -> RunConfig:
-        """Builds every group; the first invalid value raises ConfigError naming its field."""
-        groups = {}
-        for name, cls in (("model", ModelConfig), ("parallel", ParallelConfig), ("lora", LoraConfig),
-                          ("algorithm", AlgorithmConfig), ("task", TaskConfig),
-                          ("trainer", TrainerConfig), ("logger", LoggerConfig)):
-            groups[name] = build(cls, tree.get(name, {}), name)
-        rollout_tree = dict(tree.get("rollout", {}))
-        groups["sampling"] = build(SamplingConfig, rollout_tree.pop("sampling", {}), "rollout.sampling")
-        groups["rollout"] = build(RolloutConfig, rollout_tree, "rollout")
-        unknown = sorted(set(tree) - set(groups) - {"hydra"})
-        if unknown:
-            raise ConfigError(unknown[0], tree[unknown[0]], f"unknown config group; groups are {', '.join(sorted(groups))}")
-        return RunConfig(**groups)
-
-    @staticmethod
-    def from_omegaconf(cfg) -> RunConfig:
-        from omegaconf import OmegaConf
-
-        return RunConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=str))
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+def register_configs() -> None:
+    """Stores ``RunConfig`` as Hydra's ``run_schema`` (``configs/train.yaml`` starts from it)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+
+
+def compose_tree(overrides: list[str] = (), config_name: str = "train") -> dict[str, Any]:
+    """The composed Hydra tree of ``configs/<config_name>.yaml`` as a plain dict (tools, tests)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name, overrides=list(overrides)), resolve=True)
+
+
+def _lookup(tree: Mapping, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def load_config(schema: type, tree: Any, prefix: str = "") -> Any:
+    """``schema`` (a config dataclass) filled from ``tree``; every error a ``ConfigError``."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(tree, DictConfig):
+        tree = OmegaConf.to_container(tree, resolve=True)
+    plain = {k: v for k, v in tree.items() if k != "hydra"}
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    except OmegaConfBaseException as err:
+        key = ".".join(p for p in (prefix, str(err.full_key or "")) if p) or prefix or "config"
+        if isinstance(err, ConfigKeyError):
+            raise ConfigError(key, _lookup(plain, str(err.full_key)), "unknown field") from None
+        raise ConfigError(key, _lookup(plain, str(err.full_key)), str(err.msg).split("\n")[0]) from None
+    reject_non_finite(cfg, prefix)
+    return cfg
+
+
+def load_run_config(tree: Any) -> RunConfig:
+    """A ``RunConfig`` from a composed tree (a dict or OmegaConf node), validated per group."""
+    return load_config(RunConfig, tree)
+
+
+def validate_run(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    """The checks across groups and against the base model; fills ``rollout.engine.model``."""
+    from transformers import AutoConfig
+
+    if not cfg.rollout.engine.model:
+        cfg.rollout.engine.model = str(base_dir)
+    check_engine_for_model(cfg.rollout.engine)
+    if cfg.algorithm.entropy_coef > 0:
+        raise ConfigError("algorithm.entropy_coef", cfg.algorithm.entropy_coef,
+                          "must be 0: the training fleet's loss does not see token entropy yet")
+    if cfg.algorithm.advantage_estimator in GROUP_RELATIVE_ESTIMATORS and cfg.trainer.samples_per_prompt < 2:
+        raise ConfigError("trainer.samples_per_prompt", cfg.trainer.samples_per_prompt,
+                          f"must be >= 2 with algorithm.advantage_estimator="
+                          f"{cfg.algorithm.advantage_estimator!r}: a group-relative advantage of a "
+                          "one-sample group is always 0, so the run would train on nothing")
+    hf_config = AutoConfig.from_pretrained(base_dir)
+    try:
+        validate_layout(cfg.parallel, cfg.trainer.train_world_size, get_arch(hf_config).model_dims(hf_config))
+    except ConfigError as err:
+        if err.field == "world_size":  # the layout's world is the training fleet's size
+            raise ConfigError("trainer.train_world_size", err.value, err.allowed) from None
+        raise
+    return cfg

@@ -47,7 +47,7 @@ class PhaseTimer:
 def compute_advantages(cfg: AlgorithmConfig, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     if cfg.advantage_estimator == "rloo":
         return rloo_advantages(rewards, group_ids)
-    return grpo_advantages(rewards, group_ids, norm_by_std=cfg.norm_by_std, eps=cfg.advantage_eps)
+    return grpo_advantages(rewards, group_ids, norm_by_std=cfg.divides_by_std, eps=cfg.advantage_eps)
 
 
 def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -70,7 +70,6 @@ class StepSettings:
     seed: int
     reward_timeout_s: float
     reward_workers: int
-    track_reference_kl: bool = True
 
 
 class GRPOStep:
@@ -109,7 +108,7 @@ class GRPOStep:
         with timer("old_logprobs"):
             old_logprobs, entropy = self.training.compute_logprobs(batch, self.temperature, with_entropy=True)
             ref_logprobs = None
-            if self.s.algorithm.kl_coef > 0 or self.s.track_reference_kl:
+            if self.s.algorithm.tracks_reference_kl:
                 ref_logprobs = self.training.compute_logprobs(batch, self.temperature, adapter=False)
         with timer("reward"):
             reward_list, reward_metrics = rewards_future.result()

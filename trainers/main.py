@@ -17,17 +17,14 @@ from pathlib import Path
 
 import torch
 
-from parallel.arch import get_arch
-from parallel.topology import validate_layout
 from rlcore.rewards import get_reward
-from rlcore.validation import ConfigError
 from rlcore.tasks import Problem, arithmetic_problems, load_prompt_jsonl
 from rollout.fleet import EngineError, RolloutFleet
 from rollout.seeding import spread_seed
 from rollout.sync import make_weight_sync
-from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
+from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 from trainers.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state, write_json_atomic
-from trainers.config import RunConfig
+from trainers.config import ModelConfig, RunConfig, load_run_config, validate_run
 from trainers.evaluation import evaluate
 from trainers.grpo import GRPOStep, StepSettings
 from trainers.placement import place_fleets, start_ray
@@ -38,38 +35,23 @@ from trainers.training_fleet import TrainingFleet, TrainingFleetSpec, TrainingRa
 ENGINE_RETRIES = 2
 
 
-def base_model_dir(tree: dict) -> Path:
+def base_model_dir(model: ModelConfig) -> Path:
     """The HF checkpoint the run starts from: the given one, or the tiny model (made if absent)."""
-    model = tree.get("model", {})
-    if model.get("hf_path"):
-        return Path(model["hf_path"])
-    spec = TinyModelSpec(**model.get("tiny", {}))
+    if model.hf_path:
+        return Path(model.hf_path)
+    spec = model.tiny or TinyModelSpec()
     key = "-".join(f"{v}" for v in asdict(spec).values())
-    out = Path(model.get("cache_dir", "outputs/cache")) / f"tiny-{key}"
+    out = Path(model.cache_dir) / f"tiny-{key}"
     if not (out / "model.safetensors").is_file():
         make_tiny_model(out, spec)
     return out
 
 
-def validate(tree: dict, base_dir: Path) -> RunConfig:
-    """Every group, then the checks across groups; raises ConfigError naming the field."""
-    from transformers import AutoConfig
-
-    rollout = dict(tree.get("rollout", {}))
-    rollout["engine"] = {**rollout.get("engine", {})}
-    rollout["engine"]["model"] = rollout["engine"].get("model") or str(base_dir)
-    cfg = RunConfig.from_dict({**tree, "rollout": rollout})
-    if cfg.algorithm.entropy_coef > 0:
-        raise ConfigError("algorithm.entropy_coef", cfg.algorithm.entropy_coef,
-                          "must be 0: the training fleet's loss does not see token entropy yet")
-    hf_config = AutoConfig.from_pretrained(base_dir)
-    try:
-        validate_layout(cfg.parallel, cfg.trainer.train_world_size, get_arch(hf_config).model_dims(hf_config))
-    except ConfigError as err:
-        if err.field == "world_size":  # the layout's world is the training fleet's size
-            raise ConfigError("trainer.train_world_size", err.value, err.allowed) from None
-        raise
-    return cfg
+def validate(tree: dict) -> tuple[RunConfig, Path]:
+    """The typed, validated configuration and the base model directory; raises ConfigError."""
+    cfg = load_run_config(tree)
+    base_dir = base_model_dir(cfg.model)
+    return validate_run(cfg, base_dir), base_dir
 
 
 class PromptSource:
@@ -120,8 +102,7 @@ def with_engine_recovery(rollout: RolloutFleet, call, log):
 
 
 def run(tree: dict, log=print) -> dict:
-    base_dir = base_model_dir(tree)
-    cfg = validate(tree, base_dir)
+    cfg, base_dir = validate(tree)
     run_dir = Path(cfg.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", cfg.to_dict())
@@ -160,11 +141,11 @@ def run(tree: dict, log=print) -> dict:
 
     def run_eval() -> dict[str, float]:
         return with_engine_recovery(rollout, lambda: evaluate(
-            rollout, tokenizer, prompts.heldout, cfg.sampling, reward_fn, t.seed, t.reward_timeout_s,
+            rollout, tokenizer, prompts.heldout, cfg.rollout.sampling, reward_fn, t.seed, t.reward_timeout_s,
             t.reward_workers), log)
 
     step_runner = GRPOStep(StepSettings(
-        cfg.algorithm, cfg.sampling, t.samples_per_prompt, t.ppo_epochs, t.mini_batch_prompts, t.lr, t.betas,
+        cfg.algorithm, cfg.rollout.sampling, t.samples_per_prompt, t.ppo_epochs, t.mini_batch_prompts, t.lr, t.betas,
         t.weight_decay, t.grad_clip, t.seed, t.reward_timeout_s, t.reward_workers), rollout, training, sync, tokenizer,
         recover=lambda call: with_engine_recovery(rollout, call, log))
     try:

@@ -67,7 +67,7 @@ def common_config_kwargs(pcfg: ParallelConfig) -> dict:
         tensor_model_parallel_size=pcfg.tp,
         pipeline_model_parallel_size=pcfg.pp,
         expert_model_parallel_size=pcfg.ep,
-        expert_tensor_parallel_size=pcfg.etp,
+        expert_tensor_parallel_size=pcfg.expert_tp,
         context_parallel_size=pcfg.cp,
         sequence_parallel=pcfg.sp,
         params_dtype=torch.float32,

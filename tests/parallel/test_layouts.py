@@ -65,7 +65,7 @@ def tiny_qwen2_moe_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_deepseek_v3_dir(tmp_path_factory):
     """DeepSeek-V3 family: MLA (q/kv low rank), layer 0 dense, 8 experts in 4 groups (2 chosen), top-4."""
-    from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
+    from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-dsv3"),
                            TinyModelSpec(arch="deepseek_v3", experts=8, topk=4, n_group=4, topk_group=2))

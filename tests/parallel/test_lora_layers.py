@@ -195,14 +195,14 @@ def _moe_layout_checks(tag: str, cfg: LoraConfig, ref, x: torch.Tensor, grad_out
     from parallel.topology import init_parallel
 
     init_parallel(pcfg)
-    moe = _moe(_config(tp=pcfg.tp, sp=pcfg.sp, ep=pcfg.ep, etp=pcfg.etp, **_MOE), cfg)
+    moe = _moe(_config(tp=pcfg.tp, sp=pcfg.sp, ep=pcfg.ep, etp=pcfg.expert_tp, **_MOE), cfg)
     ref_out, ref_dx, ref_params = ref
     x = x.clone().requires_grad_()
     y, _ = moe(x)
     (y * grad_out).sum().backward()
     params = adapter_parameters(moe)
     assert set(params) <= set(ref_params) and params
-    if pcfg.etp < pcfg.tp:
+    if pcfg.expert_tp < pcfg.tp:
         # experts replicated over TP ranks that saw other tokens: the engine's expert-DP reduction
         for p in params.values():
             dist.all_reduce(p.grad, group=ps.get_expert_data_parallel_group())

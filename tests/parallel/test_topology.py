@@ -23,7 +23,7 @@ def test_valid_layouts_and_derived_sizes():
         validate_layout(ParallelConfig(**kwargs), world, TINY_MOE)
     cfg = ParallelConfig(tp=2, ep=2, sp=True, etp=1)
     assert (cfg.data_parallel_size(4), cfg.expert_data_parallel_size(4)) == (2, 2)
-    assert ParallelConfig(tp=2, sp=True).etp == 2  # megatron's default: etp = tp
+    assert ParallelConfig(tp=2, sp=True).expert_tp == 2  # megatron's default: etp = tp
     validate_layout(ParallelConfig(tp=2), 2, TINY_DENSE)  # dense models need no SP
 
 

@@ -12,7 +12,7 @@ from rlcore.validation import ConfigError
 
 def test_defaults_are_plain_grpo() -> None:
     config = AlgorithmConfig()
-    assert (config.advantage_estimator, config.norm_by_std, config.loss_mode) == ("grpo", True, "ppo")
+    assert (config.advantage_estimator, config.divides_by_std, config.loss_mode) == ("grpo", True, "ppo")
     assert (config.clip_low, config.clip_high, config.agg) == (0.2, 0.2, "token-mean")
     assert (config.correction_level, config.correction_mode, config.correction_cap) == (
         "token", "truncate", 2.0)
@@ -22,9 +22,15 @@ def test_defaults_are_plain_grpo() -> None:
 
 
 def test_norm_by_std_follows_the_estimator() -> None:
-    assert AlgorithmConfig(advantage_estimator="drgrpo").norm_by_std is False
-    assert AlgorithmConfig(advantage_estimator="rloo").norm_by_std is False
-    assert AlgorithmConfig(norm_by_std=False).norm_by_std is False
+    assert AlgorithmConfig(advantage_estimator="drgrpo").divides_by_std is False
+    assert AlgorithmConfig(advantage_estimator="rloo").divides_by_std is False
+    assert AlgorithmConfig(norm_by_std=False).divides_by_std is False
+
+
+def test_reference_kl_is_tracked_when_the_loss_uses_it() -> None:
+    assert AlgorithmConfig().tracks_reference_kl is False  # kl_coef = 0: no reference forward
+    assert AlgorithmConfig(kl_coef=0.01).tracks_reference_kl is True
+    assert AlgorithmConfig(track_reference_kl=True).tracks_reference_kl is True
 
 
 def test_valid_non_default_settings() -> None:
@@ -44,7 +50,7 @@ def test_valid_non_default_settings() -> None:
         (dict(norm_by_std="false"), r"algorithm\.norm_by_std='false': must be true or false"),
         (dict(advantage_eps=0.0), r"algorithm\.advantage_eps=0\.0: must be > 0"),
         (dict(loss_mode="dpo"), r"algorithm\.loss_mode='dpo'.*'ppo', 'gspo', 'cispo', 'is', 'reinforce'"),
-        (dict(clip_low=1.0), r"algorithm\.clip_low=1\.0: must be >= 0 and < 1"),
+        (dict(clip_low=1.5), r"algorithm\.clip_low=1\.5: must be >= 0 and <= 1"),
         (dict(clip_low=-0.1), r"algorithm\.clip_low=-0\.1"),
         (dict(clip_high=-0.28), r"algorithm\.clip_high=-0\.28: must be >= 0"),
         (dict(clip_high="0.28"), r"algorithm\.clip_high='0\.28': must be a number"),

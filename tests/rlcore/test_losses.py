@@ -104,6 +104,17 @@ def test_policy_loss_value_and_gradient_match_reference(mode: str, agg: str) -> 
     _assert_loss_and_grad_match(loss, reference, logprobs)
 
 
+@pytest.mark.parametrize("mode", ["ppo", "cispo"])
+def test_a_lower_ratio_bound_of_zero(mode: str) -> None:
+    """clip_low=1: no lower truncation (CISPO's setting, Tinker's clip_low_threshold=0)."""
+    logprobs, old, advantages, mask, _ = _batch(3, spread=2.0)
+    kwargs = dict(mode=mode, clip_low=1.0, clip_high=0.28, dual_clip=None)
+    loss, _ = policy_loss(logprobs, old, advantages, mask, agg="token-mean", **kwargs)
+    reference = _reference_aggregate(
+        _reference_token_losses(logprobs, old, advantages, mask, **kwargs), mask, "token-mean", MAX_LEN)
+    _assert_loss_and_grad_match(loss, reference, logprobs)
+
+
 @pytest.mark.parametrize("mode", ["ppo", "gspo"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dual_clip_per_token_advantages_and_is_weights(mode: str, seed: int) -> None:
@@ -221,7 +232,7 @@ def test_on_policy_old_logprobs_still_give_a_gradient() -> None:
     [
         (dict(mode="grpo"), r"policy_loss\.mode='grpo'.*'ppo', 'gspo', 'cispo', 'is'"),
         (dict(agg="mean"), r"policy_loss\.agg='mean'.*'token-mean'"),
-        (dict(clip_low=1.0), r"policy_loss\.clip_low=1\.0: must be >= 0 and < 1"),
+        (dict(clip_low=1.5), r"policy_loss\.clip_low=1\.5: must be >= 0 and <= 1"),
         (dict(clip_high=-0.1), r"policy_loss\.clip_high"),
         (dict(dual_clip=1.0), r"policy_loss\.dual_clip=1\.0: must be > 1"),
         (dict(mode="cispo", dual_clip=3.0), r"policy_loss\.dual_clip=3\.0: only applies"),

@@ -11,7 +11,7 @@ import ray
 
 from rollout.config import EngineConfig, RolloutConfig
 from rollout.fleet import RolloutFleet
-from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
+from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 
 # Small KV cache (tiny models need a few MB) so several engines fit next to other jobs.
 TEST_KV_CACHE_GIB = 0.125

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rlcore.validation import ConfigError
-from rollout.config import EngineConfig, RolloutConfig, SamplingConfig
-from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
+from rollout.config import EngineConfig, RolloutConfig, SamplingConfig, check_engine_for_model
+from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 
 
 @pytest.mark.parametrize("fields, field, words", [
@@ -21,27 +21,29 @@ from scripts.make_tiny_model import TinyModelSpec, make_tiny_model
     (dict(gpu_memory_utilization=1.5), "rollout.engine.gpu_memory_utilization", "<= 1"),
 ])
 def test_engine_config_names_the_bad_field(tiny_moe_dir, fields, field, words):
+    """Value checks run on construction, model checks (check_engine_for_model) before any actor."""
     with pytest.raises(ConfigError) as info:
-        EngineConfig(model=str(tiny_moe_dir), **fields)
+        check_engine_for_model(EngineConfig(model=str(tiny_moe_dir), **fields))
     assert info.value.field == field and words in str(info.value)
 
 
 def test_adapter_sync_is_allowed_where_vllm_supports_it(tiny_moe_dir, tiny_dense_dir):
-    EngineConfig(model=str(tiny_dense_dir), weight_sync="adapter")  # dense on CPU
-    EngineConfig(model=str(tiny_moe_dir), device="cuda", weight_sync="adapter", kv_cache_gib=None,
-                 enable_return_routed_experts=True, tensor_parallel_size=2)
+    check_engine_for_model(EngineConfig(model=str(tiny_dense_dir), weight_sync="adapter"))  # dense on CPU
+    check_engine_for_model(EngineConfig(model=str(tiny_moe_dir), device="cuda", weight_sync="adapter",
+                                        kv_cache_gib=None, enable_return_routed_experts=True,
+                                        tensor_parallel_size=2))
 
 
 def test_cpu_moe_with_padded_experts_is_refused(tmp_path):
     model = make_tiny_model(tmp_path, TinyModelSpec(moe_ffn=48))
     with pytest.raises(ConfigError, match="rollout.engine.model=.*not a multiple of 32"):
-        EngineConfig(model=str(model))
-    EngineConfig(model=str(model), device="cuda", kv_cache_gib=None)
+        check_engine_for_model(EngineConfig(model=str(model)))
+    check_engine_for_model(EngineConfig(model=str(model), device="cuda", kv_cache_gib=None))
 
 
 def test_model_must_be_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="rollout.engine.model=.*no config.json"):
-        EngineConfig(model=str(tmp_path))
+        check_engine_for_model(EngineConfig(model=str(tmp_path)))
 
 
 def test_fleet_and_sampling_fields(tiny_moe_dir):

@@ -12,7 +12,7 @@ import yaml
 
 from parallel.topology import ParallelConfig
 from rlcore.validation import ConfigError
-from scripts.make_tiny_model import TinyModelSpec, build_config
+from parallel.arch.tiny import TinyModelSpec, build_config
 from trainers.planner.cluster import ClusterConfig
 from trainers.planner.comm import estimate_comm
 from trainers.planner.memory import Workload, estimate_memory, layer_activation_bytes, rollout_memory, RolloutEngine

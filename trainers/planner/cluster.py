@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from rlcore.validation import check_int, check_range
 
 
-@dataclass(frozen=True)
+@dataclass
 class ClusterConfig:
-    name: str
-    nodes: int
-    gpus_per_node: int
-    gpu_memory_gb: float
-    intra_node_gbps: float
-    inter_node_gbps: float
+    name: str = "unnamed"
+    nodes: int = 1
+    gpus_per_node: int = 2
+    gpu_memory_gb: float = 4.0
+    intra_node_gbps: float = 5.0
+    inter_node_gbps: float = 5.0
     reserved_gb: float = 0.0
     headroom: float = 0.1
 

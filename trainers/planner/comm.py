@@ -69,7 +69,7 @@ def estimate_comm(shapes: ModelShapes, p: ParallelConfig, world: int, w: Workloa
     b["DP grads"] = 2 * 4 * (_ring(dp) * dense_elems + _ring(edp) * expert_elems)
     bw = {
         "TP/SP": group_bandwidth(cluster, 1, p.tp),
-        "EP all-to-all": group_bandwidth(cluster, p.etp, p.ep),
+        "EP all-to-all": group_bandwidth(cluster, p.expert_tp, p.ep),
         "PP p2p": group_bandwidth(cluster, world // p.pp, 2),
         "DP grads": group_bandwidth(cluster, p.tp * p.cp, dp),
     }
@@ -83,7 +83,7 @@ def _trainable_split(shapes: ModelShapes, p: ParallelConfig, w: Workload) -> tup
     if w.lora_rank is None:
         return weight_elements(shapes, p, 0)
     layers = stage_layers(shapes, p.pp, 0)
-    expert = sum(lin.lora_params(w.lora_rank, p.etp) for layer in layers for lin in layer.experts) / p.ep
+    expert = sum(lin.lora_params(w.lora_rank, p.expert_tp) for layer in layers for lin in layer.experts) / p.ep
     return adapter_elements(shapes, p, 0, w.lora_rank) - expert, expert
 
 

@@ -71,7 +71,7 @@ class Workload:
         return DTYPE_BYTES[self.dtype]
 
 
-@dataclass(frozen=True)
+@dataclass
 class RolloutEngine:
     """The colocated vLLM engine: its own TP / EP and the sequences whose KV cache it keeps."""
 
@@ -112,7 +112,7 @@ def weight_elements(shapes: ModelShapes, p: ParallelConfig, stage: int) -> tuple
     for layer in stage_layers(shapes, p.pp, stage):
         dense += layer.other_params
         dense += sum(lin.params / (1 if lin.split == "replicated" else p.tp) for lin in layer.attention + layer.mlp)
-        expert += sum(lin.params for lin in layer.experts) / (p.ep * p.etp)
+        expert += sum(lin.params for lin in layer.experts) / (p.ep * p.expert_tp)
     vh = shapes.vocab * shapes.hidden / p.tp
     if stage == 0:
         dense += vh
@@ -125,7 +125,7 @@ def adapter_elements(shapes: ModelShapes, p: ParallelConfig, stage: int, rank: i
     total = 0.0
     for layer in stage_layers(shapes, p.pp, stage):
         total += sum(lin.lora_params(rank, p.tp) for lin in layer.attention + layer.mlp)
-        total += sum(lin.lora_params(rank, p.etp) for lin in layer.experts) / p.ep
+        total += sum(lin.lora_params(rank, p.expert_tp) for lin in layer.experts) / p.ep
     return total
 
 
@@ -155,9 +155,9 @@ def layer_activation_bytes(shapes: ModelShapes, layer: LayerShapes, p: ParallelC
     fp32_extra = 0.0
     if layer.is_moe:
         # a rank routes its own tokens (1 / SP of them); ETP ranks all process the tokens of their group
-        routed = shapes.topk * p.etp / sp
+        routed = shapes.topk * p.expert_tp / sp
         ffn = layer.experts[0].out_features / 2
-        mlp += routed * (2 * h + 3 * ffn / p.etp + 2 * r)
+        mlp += routed * (2 * h + 3 * ffn / p.expert_tp + 2 * r)
         fp32_extra = shapes.num_experts * ROUTER_PROB_BYTES / sp
     return (attn + mlp) * w.dtype_bytes + fp32_extra
 

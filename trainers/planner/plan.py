@@ -19,6 +19,7 @@ from typing import Any
 
 from parallel.topology import ParallelConfig, validate_layout
 from rlcore.validation import ConfigError
+from trainers.config import ModelConfig
 from trainers.planner.cluster import ClusterConfig
 from trainers.planner.comm import CommEstimate, estimate_comm, rollout_sync_bytes
 from trainers.planner.memory import (ADAPTER_BYTES_PER_PARAM, FULL_SHARDED_BYTES, FULL_STATIC_BYTES,
@@ -26,17 +27,17 @@ from trainers.planner.memory import (ADAPTER_BYTES_PER_PARAM, FULL_SHARDED_BYTES
 from trainers.planner.shapes import ModelShapes, shapes_from_hf
 
 
-def hf_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
+def hf_fields(model: ModelConfig) -> dict[str, Any]:
     """The HF config fields of a ``model`` config group: ``hf_config`` inline, ``hf_path``, or ``tiny``."""
-    if model_cfg.get("hf_config"):
-        return dict(model_cfg["hf_config"])
-    if model_cfg.get("hf_path"):
-        return json.loads((Path(model_cfg["hf_path"]) / "config.json").read_text())
-    if model_cfg.get("tiny"):
-        from scripts.make_tiny_model import TinyModelSpec, build_config
+    if model.hf_config:
+        return dict(model.hf_config)
+    if model.hf_path:
+        return json.loads((Path(model.hf_path) / "config.json").read_text())
+    if model.tiny is not None:
+        from parallel.arch.tiny import build_config
 
-        return build_config(TinyModelSpec(**model_cfg["tiny"])).to_dict()
-    raise ConfigError("model", sorted(model_cfg), "needs hf_config, hf_path or tiny to plan for")
+        return build_config(model.tiny).to_dict()
+    raise ConfigError("model", None, "needs hf_config, hf_path or tiny to plan for")
 
 
 def _divisors(n: int) -> list[int]:
@@ -53,7 +54,7 @@ class Candidate:
 
     def label(self) -> str:
         p = self.layout
-        return (f"TP{p.tp} PP{p.pp} EP{p.ep} ETP{p.etp}{' SP' if p.sp else ''}"
+        return (f"TP{p.tp} PP{p.pp} EP{p.ep} ETP{p.expert_tp}{' SP' if p.sp else ''}"
                 f"{' +recompute' if self.recompute else ''}")
 
 
