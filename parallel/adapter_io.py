@@ -22,7 +22,6 @@ written and full tensors returned on global rank 0 only.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.arch.builder import Arch
+from parallel.files import atomic_write, file_entry
 from parallel.arch.mapping import Placement, join, split
 from parallel.lora import LoraConfig, adapter_parameters, lora_config_of
 from parallel.lora_factors import Shard
@@ -174,13 +174,6 @@ def _the_same(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _peft_config(cfg: LoraConfig, tensors: dict[str, torch.Tensor], base_model: str | None):
     import peft
 
@@ -212,8 +205,8 @@ def export_peft_adapter(model: nn.Module, out_dir: str | Path, *, arch: Arch, hf
     out_dir.mkdir(parents=True, exist_ok=True)
     base = base_model_name_or_path or getattr(hf_config, "_name_or_path", None) or None
     config = _peft_config(cfg, tensors, base).to_dict()
-    _atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out_dir / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2, default=list)))
+    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out_dir / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2, default=list)))
     return out_dir
 
 
@@ -310,12 +303,13 @@ def _state_file(out_dir: Path, rank: int) -> Path:
     return out_dir / f"adapter-state-rank{rank:05d}.pt"
 
 
-def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | Path) -> None:
+def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | Path) -> dict[str, dict]:
     """Writes this rank's adapter slices and their optimizer state, one file per rank (collective).
 
     Only the ranks that own a slice write it (as in ``gather_adapter``), each file atomically
-    (temp then rename), keyed by canonical name with its ``Shard``; a barrier ends the call
-    so that every file exists when it returns. Optimizer hyperparameters are not saved: the
+    and fsynced (``parallel.files``), keyed by canonical name with its ``Shard``; a barrier
+    ends the call so that every file exists when it returns. Returns this rank's manifest
+    entry ({file name: size and sha256}). Optimizer hyperparameters are not saved: the
     trainer passes them at every step. ``load_adapter_state`` restores on any layout.
     """
     out_dir = Path(out_dir)
@@ -326,9 +320,11 @@ def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_d
             state = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
             records[name] = {"shard": asdict(p.lora_shard), "value": p.detach().clone(), "optimizer": state}
     rank, _ = _world()
-    _atomic_write(_state_file(out_dir, rank), lambda path: torch.save(records, path))
+    path = _state_file(out_dir, rank)
+    atomic_write(path, lambda tmp: torch.save(records, tmp))
     if dist.is_initialized():
         dist.barrier()
+    return {path.name: file_entry(path)}
 
 
 def load_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, in_dir: str | Path) -> None:

@@ -43,6 +43,7 @@ resume). Reference log-probs for a KL penalty are the base model's:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -92,6 +93,7 @@ class TrainingEngine:
         if lora is not None:
             inject_lora(self.model, lora)
         self.optimizer = ShardedAdamW(list(self.model.named_parameters()))
+        self._loss_finite = True  # every loss since the last optimizer step was finite
         self._dp_rank = ps.get_data_parallel_rank()
         self._dp_size = ps.get_data_parallel_world_size()
         self._is_owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
@@ -187,7 +189,9 @@ class TrainingEngine:
             return loss, torch.tensor(n), metrics
 
         stored = self._run(micro_batches, seq_len, loss_func, forward_only=False)
-        return self._sum_metrics(stored)
+        totals = self._sum_metrics(stored)
+        self._loss_finite &= math.isfinite(totals.get("loss", 0.0))
+        return totals
 
     def _sum_metrics(self, stored: list[dict]) -> dict[str, float]:
         """Sums micro-batch metrics over micro-batches and DP ranks, and shares them with every rank."""
@@ -206,8 +210,21 @@ class TrainingEngine:
 
     def optim_step(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                    grad_clip: float | None = 1.0) -> dict[str, float]:
-        """Reduces gradients, clips by the global norm, steps AdamW; returns ``grad_norm`` etc."""
-        return self.optimizer.step(AdamWSettings(lr, tuple(betas), eps, weight_decay, grad_clip))
+        """Reduces gradients, clips by the global norm, steps AdamW; returns ``grad_norm`` etc.
+
+        A step whose loss or gradient norm is not finite is skipped on every rank
+        (``skipped`` = 1, ``parallel.optim``): adapters and optimizer state are untouched.
+        """
+        loss_finite, self._loss_finite = self._loss_finite, True
+        return self.optimizer.step(AdamWSettings(lr, tuple(betas), eps, weight_decay, grad_clip), loss_finite)
+
+    def adapter_is_finite(self) -> bool:
+        """Whether every trainable parameter on every rank is finite (collective)."""
+        bad = torch.zeros((), dtype=torch.float64)
+        for _, p in self.optimizer.named_params:
+            bad += (~torch.isfinite(p.detach())).sum()
+        dist.all_reduce(bad)
+        return bool(bad == 0)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -218,11 +235,12 @@ class TrainingEngine:
         """The AdamW over this rank's trainable shards (state exists only for them)."""
         return self.optimizer.optimizer
 
-    def save_adapter_state(self, out_dir) -> None:
-        """Adapter slices + optimizer state, one file per rank (``parallel.adapter_io``); collective."""
+    def save_adapter_state(self, out_dir) -> dict[str, dict]:
+        """Adapter slices + optimizer state, one fsynced file per rank (``parallel.adapter_io``);
+        returns this rank's manifest entry. Collective."""
         from parallel.adapter_io import save_adapter_state
 
-        save_adapter_state(self.model, self.torch_optimizer, out_dir)
+        return save_adapter_state(self.model, self.torch_optimizer, out_dir)
 
     def load_adapter_state(self, in_dir) -> None:
         """Restores ``save_adapter_state`` files, on any layout (``parallel.adapter_io``)."""

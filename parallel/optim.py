@@ -17,6 +17,11 @@ Reductions, in order (all SUM, because the engine's loss is a sum over DP ranks)
 3. Tied embeddings under PP: the first stage's embedding and the last stage's output copy
    (``shared_embedding``) over megatron's embedding group.
 
+Guard: before AdamW applies a step, the loss and the global gradient norm must be finite on
+every rank (the norm's all-reduce carries each rank's "my loss was not finite" flag, as
+megatron's optimizer all-reduces found-inf). Otherwise the step is skipped on all ranks
+together: gradients are dropped, adapters and optimizer state stay exactly as they were.
+
 Grad norm: each element is counted once. A rank counts a parameter if it is the first of
 the ranks holding a replica: DP (or expert-DP) rank 0, and TP (or ETP) rank 0 unless the
 parameter is TP-sharded (megatron's ``tensor_model_parallel`` attribute); stages and EP
@@ -30,6 +35,7 @@ TP-replicated one that sees sequence-sharded inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,15 +98,18 @@ def counts_here(name: str, param: torch.nn.Parameter) -> bool:
     return replica_rank == 0 and (_is_tp_sharded(param) or tp_rank == 0)
 
 
-def global_grad_norm(named_params: list[tuple[str, torch.nn.Parameter]]) -> float:
-    """L2 norm of the full model's gradient, each element counted once across all ranks."""
-    square = torch.zeros((), dtype=torch.float64)
+def global_grad_norm(named_params: list[tuple[str, torch.nn.Parameter]],
+                     local_nonfinite: bool = False) -> tuple[float, bool]:
+    """L2 norm of the full model's gradient, each element counted once across all ranks, and
+    whether any rank reported ``local_nonfinite`` (one all-reduce carries both)."""
+    square = torch.zeros(2, dtype=torch.float64)
     for name, p in named_params:
         if p.grad is not None and counts_here(name, p):
-            square += p.grad.detach().double().pow(2).sum()
+            square[0] += p.grad.detach().double().pow(2).sum()
+    square[1] = float(local_nonfinite)
     if dist.is_initialized():
         dist.all_reduce(square)
-    return float(square.sqrt())
+    return float(square[0].sqrt()), bool(square[1] > 0)
 
 
 @dataclass(frozen=True)
@@ -123,16 +132,22 @@ class ShardedAdamW:
         for _, p in self.named_params:
             p.grad = None
 
-    def finalize_gradients(self, s: AdamWSettings) -> dict[str, float]:
-        """Reduces the partial gradients and clips them by the global norm (first half of ``step``)."""
+    def finalize_gradients(self, s: AdamWSettings, loss_finite: bool = True) -> dict[str, float]:
+        """Reduces the partial gradients and clips them by the global norm (first half of
+        ``step``). ``skipped`` is 1 when the loss (on any rank) or the norm is not finite:
+        the gradients are then dropped and nothing may be applied."""
         reduce_gradients(self.named_params)
-        norm = global_grad_norm(self.named_params)
+        norm, loss_nonfinite = global_grad_norm(self.named_params, local_nonfinite=not loss_finite)
+        if loss_nonfinite or not math.isfinite(norm):
+            self.zero_grad()
+            return {"grad_norm": norm, "clip_coeff": 0.0, "lr": s.lr, "skipped": 1.0,
+                    "nonfinite_loss": float(loss_nonfinite)}
         clip_coeff = 1.0
         if s.grad_clip is not None and s.grad_clip > 0 and norm > s.grad_clip:
             clip_coeff = s.grad_clip / (norm + 1e-6)
             for _, p in self.named_params:
                 p.grad.mul_(clip_coeff)
-        return {"grad_norm": norm, "clip_coeff": clip_coeff, "lr": s.lr}
+        return {"grad_norm": norm, "clip_coeff": clip_coeff, "lr": s.lr, "skipped": 0.0, "nonfinite_loss": 0.0}
 
     def apply(self, s: AdamWSettings) -> None:
         """Steps AdamW on finalized gradients and clears them (second half of ``step``)."""
@@ -141,7 +156,8 @@ class ShardedAdamW:
         self.optimizer.step()
         self.zero_grad()
 
-    def step(self, s: AdamWSettings) -> dict[str, float]:
-        metrics = self.finalize_gradients(s)
-        self.apply(s)
+    def step(self, s: AdamWSettings, loss_finite: bool = True) -> dict[str, float]:
+        metrics = self.finalize_gradients(s, loss_finite)
+        if not metrics["skipped"]:
+            self.apply(s)
         return metrics

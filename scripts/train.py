@@ -24,6 +24,7 @@ register_configs()
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from trainers.main import print_summary, run
+    from trainers.run_dir import RunDirLocked
 
     tree = OmegaConf.to_container(cfg, resolve=True)
     try:
@@ -31,6 +32,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"invalid configuration: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunDirLocked as err:
+        print(f"refusing to start: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
     print_summary(summary)
 
 

@@ -7,6 +7,11 @@ weight sync -> metrics.
 
 Prompts of step s and the sampling seed of each prompt are functions of (seed, s, index), so a
 run resumed at step s draws exactly the samples an uninterrupted run draws.
+
+Safety: an optimizer step whose loss or gradient norm is not finite is skipped by the training
+fleet (``parallel.optim``); the step counts them, logs each, and raises ``NonFiniteTraining``
+after ``max_skipped_steps`` in a row. Adapter weights are checked finite before every sync, so
+the rollout engines never receive a broken policy.
 """
 
 from __future__ import annotations
@@ -70,13 +75,37 @@ class StepSettings:
     seed: int
     reward_timeout_s: float
     reward_workers: int
+    max_skipped_steps: int = 3
+    fault_steps: tuple[int, ...] = ()  # trainer.fault_steps / fault_kind (fault injection)
+    fault_kind: str = "nan"
+
+
+class NonFiniteTraining(RuntimeError):
+    """Training produced something non-finite that skipping steps did not cure."""
+
+    def __init__(self, step: int, what: str):
+        self.step = step
+        super().__init__(f"step {step}: {what}")
+
+
+@dataclass(frozen=True)
+class PoisonedObjective:
+    """Fault injection: the objective's loss times nan or inf, so every gradient the training
+    ranks compute through megatron's backward is non-finite (a real fault, not a mock)."""
+
+    inner: object
+    scale: float
+
+    def __call__(self, logprobs, micro_batch):
+        loss, metrics = self.inner(logprobs, micro_batch)
+        return loss * self.scale, metrics
 
 
 class GRPOStep:
     """Runs steps against a rollout fleet, a training fleet and a weight sync."""
 
     def __init__(self, settings: StepSettings, rollout, training, sync, tokenizer,
-                 recover=lambda call: call()):
+                 recover=lambda call: call(), log=print):
         """``recover(call)`` runs a rollout-fleet call, restarting dead engines and retrying."""
         self.s = settings
         self.recover = recover
@@ -86,6 +115,9 @@ class GRPOStep:
         # The policy's log-probs are those of the distribution vLLM samples from.
         self.temperature = settings.sampling.temperature or 1.0
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+        self.skipped_total = 0  # optimizer steps skipped over the run (resumed with the run)
+        self._skipped_in_a_row = 0
+        self.log = log
 
     def generate(self, problems: list[Problem], step: int, timer: PhaseTimer):
         prompts = [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
@@ -94,7 +126,8 @@ class GRPOStep:
             return self.recover(lambda: self.rollout.generate(
                 prompts, self.s.samples_per_prompt, self.s.sampling, seeds=seeds))
 
-    def run(self, problems: list[Problem], step: int) -> dict[str, float]:
+    def run(self, problems: list[Problem], step: int, before_update=lambda: None) -> dict[str, float]:
+        """One step; ``before_update()`` may raise to abandon it while its weights are untouched."""
         timer, begin = PhaseTimer(), time.perf_counter()
         groups = self.generate(problems, step, timer)
         packed = pack_groups(groups, pad_token_id=self.tokenizer.pad_token_id)
@@ -115,8 +148,11 @@ class GRPOStep:
         metrics = {f"reward/{k}": v for k, v in reward_metrics.items()}
         train_batch, more = self.prepare(packed, torch.tensor(reward_list), old_logprobs, ref_logprobs, entropy)
         metrics.update(more)
+        before_update()
         with timer("update"):
             metrics.update(self.update(train_batch, packed.group_ids[train_batch.pop("row_index")], step))
+        if not self.training.adapter_is_finite():
+            raise NonFiniteTraining(step, "the adapter weights are not finite after the update (not synced)")
         with timer("sync"):
             report = self.recover(lambda: self.sync.push(self.training))
         metrics.update({"sync/bytes": report.bytes, "sync/seconds": report.seconds, "sync/version": report.version})
@@ -162,6 +198,12 @@ class GRPOStep:
         """PPO epochs; each optimizer step takes ``mini_batch_prompts`` whole groups."""
         if batch["input_ids"].shape[0] == 0:
             return {"update/skipped": 1.0}
+        objective = self.objective
+        if step in self.s.fault_steps:
+            if self.s.fault_kind == "skip_update":
+                self.log(f"step {step}: fault injection: update skipped")
+                return {"update/skipped": 1.0, "optim/skipped_steps": float(self.skipped_total)}
+            objective = PoisonedObjective(self.objective, float(self.s.fault_kind))
         groups = torch.unique(group_ids)
         generator = torch.Generator().manual_seed(spread_seed(self.s.seed, step))
         totals: dict[str, float] = {}
@@ -171,16 +213,39 @@ class GRPOStep:
             for chosen in order.split(self.s.mini_batch_prompts):
                 rows = torch.isin(group_ids, chosen).nonzero().squeeze(-1)
                 mini = add_batch_normalisers(select_rows(batch, rows))
-                metrics = self.training.forward_backward(mini, self.objective, self.temperature)
-                metrics.update({f"optim/{k}": v for k, v in self.training.optim_step(
-                    self.s.lr, self.s.betas, self.s.weight_decay, self.s.grad_clip).items()})
+                metrics = self.training.forward_backward(mini, objective, self.temperature)
+                optim = self.training.optim_step(self.s.lr, self.s.betas, self.s.weight_decay, self.s.grad_clip)
+                self._count_skip(step, count, metrics.get("loss", 0.0), optim)
+                metrics.update({f"optim/{k}": v for k, v in optim.items()})
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 count += 1
         out = {k: v / count for k, v in totals.items()}
         out["loss/policy"] = out.pop("loss/policy", 0.0)
         out["optim/lr"] = self.s.lr
+        out["optim/skipped"] = out.pop("optim/skipped", 0.0) * count  # this step's skipped optimizer steps
+        out["optim/skipped_steps"] = float(self.skipped_total)
         return out
+
+    def _count_skip(self, step: int, index: int, loss: float, optim: dict[str, float]) -> None:
+        """Logs a skipped optimizer step; too many in a row end the run (NonFiniteTraining)."""
+        if not optim["skipped"]:
+            self._skipped_in_a_row = 0
+            return
+        self.skipped_total += 1
+        self._skipped_in_a_row += 1
+        what = f"loss={loss}" if optim["nonfinite_loss"] else f"gradient norm={optim['grad_norm']}"
+        self.log(f"step {step}: optimizer step {index + 1} skipped: non-finite {what} "
+                 f"({self._skipped_in_a_row} in a row, {self.skipped_total} in the run)")
+        if self._skipped_in_a_row >= self.s.max_skipped_steps:
+            raise NonFiniteTraining(step, f"{self._skipped_in_a_row} optimizer steps in a row were skipped, "
+                                          f"the last with a non-finite {what}")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_total": self.skipped_total, "skipped_in_a_row": self._skipped_in_a_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped_total, self._skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
 
     def close(self) -> None:
         self._reward_pool.shutdown(wait=False)

@@ -1,38 +1,45 @@
 """The main job: GRPO with LoRA on a MoE model, the two fleets on Ray.
 
-``run(tree)`` takes the composed Hydra config as a plain dict: it prepares the base model,
-validates the whole configuration against it (before any actor starts), places and starts
-the fleets, resumes from the newest complete checkpoint when asked, runs the steps with
-periodic evaluation and checkpoints, exports the final adapter and reports where
-everything is.
+``run(tree)`` takes the composed Hydra config as a plain dict: it validates the whole
+configuration against the base model (before any actor starts), takes the run directory
+(one driver at a time; resume or a fresh start, ``trainers.run_dir``), places and starts the
+fleets, resumes from the newest intact checkpoint, runs the steps with periodic evaluation
+and checkpoints, exports the final adapter and reports where everything is.
+
+A run stops itself rather than damage itself: non-finite training (``NonFiniteTraining``), a
+dead training rank and SIGTERM/SIGINT each end it with a message naming the newest complete
+checkpoint and how to resume; SIGTERM first writes a checkpoint at the step boundary
+(``trainers.preemption``, exit status 75).
 """
 
 from __future__ import annotations
 
 import json
-import random
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from rlcore.rewards import get_reward
-from rlcore.tasks import Problem, arithmetic_problems, load_prompt_jsonl
-from rollout.fleet import EngineError, RolloutFleet
-from rollout.seeding import spread_seed
-from rollout.sync import make_weight_sync
 from parallel.arch.tiny import TinyModelSpec, make_tiny_model
-from trainers.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state, write_json_atomic
+from rlcore.rewards import get_reward
+from rollout.fleet import EngineError, RolloutFleet
+from rollout.sync import make_weight_sync
+from trainers.checkpointing import Checkpoint, CheckpointManager, capture_rng_state, restore_rng_state, write_json_atomic
 from trainers.config import ModelConfig, RunConfig, load_run_config, validate_run
 from trainers.evaluation import evaluate
-from trainers.grpo import GRPOStep, StepSettings
+from trainers.grpo import GRPOStep, NonFiniteTraining, StepSettings
 from trainers.placement import place_fleets, start_ray
+from trainers.preemption import EXIT_PREEMPTED, Preemption, StopRequested
+from trainers.prompts import PromptSource
+from trainers.run_dir import OpenedRunDir, open_run_dir
 from trainers.sft import finetune_base
 from trainers.tracking import MetricsTracker
 from trainers.training_fleet import TrainingFleet, TrainingFleetSpec, TrainingRankDied
 
 ENGINE_RETRIES = 2
+EXIT_FAILED = 1
 
 
 def base_model_dir(model: ModelConfig) -> Path:
@@ -54,40 +61,6 @@ def validate(tree: dict) -> tuple[RunConfig, Path]:
     return validate_run(cfg, base_dir), base_dir
 
 
-class PromptSource:
-    """Training prompts per step (a pure function of seed and step) and the held-out set."""
-
-    def __init__(self, cfg: RunConfig, log):
-        self.cfg = cfg
-        self.rows: list[Problem] | None = None
-        if cfg.task.name == "jsonl":
-            self.rows = self._load(cfg.task.train_jsonl, log)
-            self.heldout = self._load(cfg.task.heldout_jsonl, log)[: cfg.task.heldout_size]
-        else:
-            self.heldout = arithmetic_problems(cfg.task.heldout_size, seed=cfg.trainer.seed, split="heldout",
-                                               difficulty=cfg.task.difficulty)
-
-    @staticmethod
-    def _load(path: str, log) -> list[Problem]:
-        problems, issues = load_prompt_jsonl(path)
-        for issue in issues:
-            log(f"{path}: skipped {issue}")
-        return problems
-
-    def for_step(self, step: int) -> list[Problem]:
-        n, seed = self.cfg.trainer.prompts_per_step, self.cfg.trainer.seed
-        if self.rows is None:
-            return arithmetic_problems(n, seed=spread_seed(seed, step), split="train", difficulty=self.cfg.task.difficulty)
-        order = list(range(len(self.rows)))
-        start = (step - 1) * n
-        picked = []
-        for position in range(start, start + n):
-            epoch, index = divmod(position, len(self.rows))
-            random.Random(spread_seed(seed, epoch)).shuffle(order)
-            picked.append(self.rows[order[index]])
-        return picked
-
-
 def with_engine_recovery(rollout: RolloutFleet, call, log):
     """Runs ``call``; a rollout engine that dies is restarted (with the current weights) and
     the call retried, up to ENGINE_RETRIES times."""
@@ -103,83 +76,160 @@ def with_engine_recovery(rollout: RolloutFleet, call, log):
 
 def run(tree: dict, log=print) -> dict:
     cfg, base_dir = validate(tree)
-    run_dir = Path(cfg.trainer.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    torch.manual_seed(cfg.trainer.seed)
-    from transformers import AutoTokenizer
+    opened = open_run_dir(cfg.to_dict(), cfg.trainer.run_dir, cfg.trainer.resume, cfg.trainer.if_run_dir_exists, log)
+    cfg.trainer.run_dir = str(opened.path)
+    try:
+        return Run(cfg, base_dir, opened, log).execute()
+    finally:
+        opened.lock.release()
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    start_ray(cfg.trainer.ray_address)
-    placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement)
-    model_dir = finetune_base(cfg, base_dir, tokenizer, placement, log) if cfg.model.sft_steps else base_dir
 
-    training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, cfg.lora, cfg.trainer.train_world_size,
-                                               cfg.trainer.micro_batch_size, cfg.trainer.seed), placement)
-    log(f"training fleet: {cfg.trainer.train_world_size} Megatron ranks, process ids by rank {training.pids}")
-    rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
-                          num_cpus_per_engine=placement.engine_cpus)
-    rollout = RolloutFleet(rollout_cfg, placement.group, placement.engine_bundles)
-    sync = make_weight_sync(rollout)
-    checkpoints = CheckpointManager(run_dir, cfg.trainer.keep_checkpoints)
-    latest = checkpoints.latest() if cfg.trainer.resume == "auto" else None
-    start_step = 1
-    if latest is not None:
-        training.load_state(str(latest.path / "train"))
+class Run:
+    """One run's fleets, data, step, tracker and checkpoints, and the ways it can end."""
+
+    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, log):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.log, self.run_dir = cfg, log, opened.path
+        self.resume = opened.resume
+        torch.manual_seed(cfg.trainer.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.trainer.keep_checkpoints, log=log)
+        self.preemption = Preemption(cfg.trainer.preemption_grace_s, self._grace_expired, log).install()
+        start_ray(cfg.trainer.ray_address)
+        placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement)
+        model_dir = finetune_base(cfg, base_dir, self.tokenizer, placement, log) if cfg.model.sft_steps else base_dir
+        t = cfg.trainer
+        self.training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, cfg.lora, t.train_world_size,
+                                                        t.micro_batch_size, t.seed), placement)
+        log(f"training fleet: {t.train_world_size} Megatron ranks, process ids by rank {self.training.pids}")
+        rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
+                              num_cpus_per_engine=placement.engine_cpus)
+        self.rollout = RolloutFleet(rollout_cfg, placement.group, placement.engine_bundles)
+        self.sync = make_weight_sync(self.rollout)
+        self.prompts = PromptSource(cfg, log)
+        self.reward_fn = get_reward(cfg.algorithm.reward)
+        self.step_runner = GRPOStep(StepSettings(
+            cfg.algorithm, cfg.rollout.sampling, t.samples_per_prompt, t.ppo_epochs, t.mini_batch_prompts, t.lr,
+            t.betas, t.weight_decay, t.grad_clip, t.seed, t.reward_timeout_s, t.reward_workers, t.max_skipped_steps,
+            t.fault_steps, t.fault_kind), self.rollout, self.training, self.sync, self.tokenizer,
+            recover=self.recover, log=log)
+        self.start_step, self.resumed_from = self._restore()
+        self.tracker = MetricsTracker(self.run_dir, cfg.logger, cfg.to_dict(),
+                                      resume_step=self.resumed_from.step if self.resumed_from else None)
+
+    def recover(self, call):
+        return with_engine_recovery(self.rollout, call, self.log)
+
+    # ---- resume and checkpoints ----------------------------------------------------------
+    def _verify(self, checkpoint: Checkpoint, entries: dict[str, dict]) -> list[str]:
+        """Checks a checkpoint's files against its manifest; the ranks read the shards."""
+        from trainers.checkpointing import check_files
+
+        shards = {k[len("train/"):]: v for k, v in entries.items() if k.startswith("train/")}
+        others = [(k, v) for k, v in entries.items() if not k.startswith("train/")]
+        return check_files(checkpoint.path, others) + self.training.check_files(str(checkpoint.path / "train"), shards)
+
+    def _restore(self) -> tuple[int, Checkpoint | None]:
+        """Loads the newest intact checkpoint when resuming; the first step to run."""
+        latest = self.checkpoints.latest_intact(self._verify) if self.resume else None
+        if latest is None:
+            return 1, None
+        self.training.load_state(str(latest.path / "train"))
         state = torch.load(latest.path / "trainer_state.pt", weights_only=False)
         restore_rng_state(state["rng"])
-        start_step = state["next_step"]
+        self.step_runner.load_state_dict(state["step_runner"])
         # Re-publish the checkpoint's policy under the version number it had, so versions
         # carried by samples continue as in an uninterrupted run.
-        rollout.version = state["policy_version"] - 1
-        with_engine_recovery(rollout, lambda: sync.push(training), log)
-        log(f"resumed from {latest.path} at step {start_step}")
-    tracker = MetricsTracker(run_dir, cfg.logger, cfg.to_dict(), resume_step=latest.step if latest else None)
-    prompts = PromptSource(cfg, log)
-    reward_fn = get_reward(cfg.algorithm.reward)
-    t = cfg.trainer
+        self.rollout.version = state["policy_version"] - 1
+        self.recover(lambda: self.sync.push(self.training))
+        self.log(f"resumed from {latest.path} at step {state['next_step']}")
+        return state["next_step"], latest
 
-    def run_eval() -> dict[str, float]:
-        return with_engine_recovery(rollout, lambda: evaluate(
-            rollout, tokenizer, prompts.heldout, cfg.rollout.sampling, reward_fn, t.seed, t.reward_timeout_s,
-            t.reward_workers), log)
+    def _checkpoint(self, step: int) -> None:
+        if not self.training.adapter_is_finite():  # never write (or keep rotating towards) a broken policy
+            raise NonFiniteTraining(step, "the adapter weights are not finite (no checkpoint written)")
 
-    step_runner = GRPOStep(StepSettings(
-        cfg.algorithm, cfg.rollout.sampling, t.samples_per_prompt, t.ppo_epochs, t.mini_batch_prompts, t.lr, t.betas,
-        t.weight_decay, t.grad_clip, t.seed, t.reward_timeout_s, t.reward_workers), rollout, training, sync, tokenizer,
-        recover=lambda call: with_engine_recovery(rollout, call, log))
-    try:
-        if start_step == 1:
-            tracker.log(0, run_eval())
-        for step in range(start_step, t.steps + 1):
-            metrics = step_runner.run(prompts.for_step(step), step)
-            if step % t.eval_every == 0 or step == t.steps:
-                metrics.update(run_eval())
-            tracker.log(step, metrics)
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                def write(tmp: Path, step=step) -> None:
-                    training.save_state(str(tmp / "train"))
-                    torch.save({"next_step": step + 1, "step": step, "rng": capture_rng_state(),
-                                "policy_version": rollout.version}, tmp / "trainer_state.pt")
-                checkpoints.save(step, write)
-    except TrainingRankDied as err:
-        newest = checkpoints.latest()
+        def write(tmp: Path) -> dict[str, dict]:
+            shards = self.training.save_state(str(tmp / "train"))
+            torch.save({"next_step": step + 1, "step": step, "rng": capture_rng_state(),
+                        "policy_version": self.rollout.version, "step_runner": self.step_runner.state_dict()},
+                       tmp / "trainer_state.pt")
+            return {f"train/{name}": entry for name, entry in shards.items()}
+
+        self.checkpoints.save(step, write)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _eval(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        return self.recover(lambda: evaluate(self.rollout, self.tokenizer, self.prompts.heldout,
+                                             self.cfg.rollout.sampling, self.reward_fn, t.seed,
+                                             t.reward_timeout_s, t.reward_workers))
+
+    def execute(self) -> dict:
+        t = self.cfg.trainer
+        done = self.start_step - 1  # the last step whose update and sync are complete
+        try:
+            if self.resumed_from is None:
+                self.tracker.log(0, self._eval())
+            for step in range(self.start_step, t.steps + 1):
+                metrics = self.step_runner.run(self.prompts.for_step(step), step,
+                                               before_update=self.preemption.raise_if_requested)
+                done = step
+                if (step % t.eval_every == 0 or step == t.steps) and not self.preemption.requested:
+                    metrics.update(self._eval())
+                self.tracker.log(step, metrics)
+                if step % t.checkpoint_every == 0 or step == t.steps or self.preemption.requested:
+                    self._checkpoint(step)
+                if self.preemption.requested:
+                    raise StopRequested(self.preemption.signal_name)
+        except StopRequested:
+            self._stop_preempted(done)
+        except (TrainingRankDied, NonFiniteTraining) as err:
+            self._stop(f"ERROR: {err}.", EXIT_FAILED)
+        return self._finish()
+
+    # ---- endings -----------------------------------------------------------------------
+    def _resume_hint(self) -> str:
+        newest = self.checkpoints.latest()
         where = f"step {newest.step} ({newest.path})" if newest else "none yet"
-        log(f"\nERROR: {err}.\nThe run stopped. Newest complete checkpoint: {where}.\n"
-            f"Resume with the same command and trainer.resume=auto trainer.run_dir={run_dir}")
-        rollout.shutdown()
-        raise SystemExit(1) from None
-    adapter_dir = run_dir / "adapter"
-    training.export_peft_adapter(str(adapter_dir))
-    tracker.finish()
-    rows = tracker.rows()
-    summary = summarize(rows, run_dir, adapter_dir, tracker)
-    write_json_atomic(run_dir / "summary.json", summary)
-    step_runner.close()
-    sync.close()
-    rollout.shutdown()
-    training.shutdown()
-    return summary
+        return (f"The run stopped. Newest complete checkpoint: {where}.\n"
+                f"Resume with the same command and trainer.resume=auto trainer.run_dir={self.run_dir}")
+
+    def _shutdown(self) -> None:
+        self.preemption.uninstall()
+        self.step_runner.close()
+        self.sync.close()
+        self.rollout.shutdown()
+        self.training.shutdown()
+
+    def _stop(self, message: str, status: int) -> None:
+        self.log(f"\n{message}\n{self._resume_hint()}")
+        self.tracker.finish()
+        self._shutdown()
+        raise SystemExit(status)
+
+    def _stop_preempted(self, done: int) -> None:
+        newest = self.checkpoints.latest()
+        if newest is None or newest.step < done:
+            self._checkpoint(done)
+        self._stop(f"Stopped by {self.preemption.signal_name} after step {done} (checkpointed).", EXIT_PREEMPTED)
+
+    def _grace_expired(self, reason: str) -> None:
+        """The watchdog's way out (a thread): no clean checkpoint could be waited for."""
+        self.log(f"\nStopping now: {reason}.\n{self._resume_hint()}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PREEMPTED)
+
+    def _finish(self) -> dict:
+        adapter_dir = self.run_dir / "adapter"
+        self.training.export_peft_adapter(str(adapter_dir))
+        self.tracker.finish()
+        summary = summarize(self.tracker.rows(), self.run_dir, adapter_dir, self.tracker)
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        self._shutdown()
+        return summary
 
 
 def summarize(rows: list[dict], run_dir: Path, adapter_dir: Path, tracker: MetricsTracker) -> dict:

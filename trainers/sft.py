@@ -34,7 +34,7 @@ WARMUP_SHARE = 0.1
 
 
 def sft_cache_dir(cfg: RunConfig, base_dir: Path) -> Path:
-    key = json.dumps({"base": str(base_dir.resolve()), "tiny": cfg.model.tiny, "steps": cfg.model.sft_steps,
+    key = json.dumps({"base": str(base_dir.resolve()), "tiny": asdict(cfg.model.tiny) if cfg.model.tiny else None, "steps": cfg.model.sft_steps,
                       "lr": cfg.model.sft_lr, "batch": cfg.model.sft_batch_size,
                       "noise": cfg.model.sft_label_noise, "task": asdict(cfg.task),
                       "seed": cfg.trainer.seed}, sort_keys=True)

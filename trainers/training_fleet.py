@@ -89,8 +89,17 @@ class TrainingRank:
         export_peft_adapter(self.engine.model, out_dir, arch=self.engine.arch,
                             hf_config=self.engine.hf_config, base_model_name_or_path=base_model)
 
-    def save_state(self, out_dir: str) -> None:
-        self.engine.save_adapter_state(out_dir)
+    def save_state(self, out_dir: str) -> dict[str, dict]:
+        return self.engine.save_adapter_state(out_dir)
+
+    def adapter_is_finite(self) -> bool:
+        return self.engine.adapter_is_finite()
+
+    def check_files(self, root: str, entries: list[tuple[str, dict]]) -> list[str]:
+        """This rank's share of a checkpoint's files checked against their manifest entries."""
+        from trainers.checkpointing import check_files
+
+        return check_files(Path(root), entries[self.rank::self.world_size])
 
     def load_state(self, in_dir: str) -> None:
         self.engine.load_adapter_state(in_dir)
@@ -161,8 +170,18 @@ class TrainingFleet:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self._all("export_peft_adapter", str(out_dir), self.spec.model_dir)
 
-    def save_state(self, out_dir: str) -> None:
-        self._all("save_state", str(out_dir))
+    def save_state(self, out_dir: str) -> dict[str, dict]:
+        """Writes every rank's adapter and optimizer shard; returns their manifest entries."""
+        return {name: entry for entries in self._all("save_state", str(out_dir)) for name, entry in entries.items()}
+
+    def adapter_is_finite(self) -> bool:
+        """Whether every adapter parameter on every rank is finite."""
+        return self._all("adapter_is_finite")[0]
+
+    def check_files(self, root: str, entries: dict[str, dict]) -> list[str]:
+        """Problems of the files ``entries`` lists under ``root``, the reading shared by the ranks."""
+        listed = sorted(entries.items())
+        return [problem for problems in self._all("check_files", str(root), listed) for problem in problems]
 
     def load_state(self, in_dir: str) -> None:
         self._all("load_state", str(in_dir))
