@@ -21,7 +21,8 @@ import torch
 from rlcore.groups import group_stats
 
 
-def _as_float(rewards: torch.Tensor) -> torch.Tensor:
+def as_float(rewards: torch.Tensor) -> torch.Tensor:
+    """``rewards`` unchanged if floating point, else in the default float dtype (0/1 rewards)."""
     return rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
 
 
@@ -39,7 +40,7 @@ def grpo_advantages(
     advantage 0. Constant groups give exactly 0: the advantage is set to 0 where the group's
     min equals its max, because the float mean of equal values need not equal them.
     """
-    rewards = _as_float(rewards)
+    rewards = as_float(rewards)
     stats = group_stats(rewards, group_ids)
     advantages = rewards - stats.mean
     if norm_by_std:
@@ -54,7 +55,7 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
     The baseline excludes the sample itself, so it is independent of the sample and the
     gradient estimate stays unbiased. A singleton group has no baseline and gets 0.
     """
-    rewards = _as_float(rewards)
+    rewards = as_float(rewards)
     stats = group_stats(rewards, group_ids)
     loo_scale = stats.size / (stats.size - 1).clamp(min=1)
     advantages = loo_scale * (rewards - stats.mean)
@@ -69,7 +70,7 @@ def batch_std_scaled(advantages: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
     not blown up. Centred advantages that are all 0 stay 0 (0 / eps). A batch of fewer than
     two samples has no std estimate and is returned unchanged.
     """
-    advantages = _as_float(advantages)
+    advantages = as_float(advantages)
     if advantages.numel() < 2:
         return advantages.clone()
     return advantages / (advantages.std() + eps)

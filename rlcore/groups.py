@@ -60,3 +60,39 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> GroupStats:
         unbiased_var=unbiased_var[inverse],
         constant=constant[inverse],
     )
+
+
+def rank_within_groups(group_ids: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's 0-based position in its group [B] (long), by ascending ``key``.
+
+    Ties, and every sample when ``key`` is None, keep row order, so the result is
+    deterministic. Two stable sorts (by key, then by group) give the (group, key, row) order
+    without a loop; a sample's rank is its index in that order minus its group's start.
+    """
+    if key is not None:
+        check_grouped(key, group_ids)
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    rows = torch.arange(group_ids.numel(), device=group_ids.device)
+    order = rows if key is None else torch.argsort(key, stable=True)
+    order = order[torch.argsort(inverse[order], stable=True)]
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(rows)
+    ranks[order] = rows - starts[inverse[order]]
+    return ranks
+
+
+def group_quantile(values: torch.Tensor, group_ids: torch.Tensor, level: float) -> torch.Tensor:
+    """The ``level``-quantile of each sample's group, gathered back to [B].
+
+    Linear interpolation between order statistics, as ``torch.quantile``'s default: position
+    level * (n - 1) in the group's sorted values.
+    """
+    check_grouped(values, group_ids)
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_values = torch.empty_like(values)
+    sorted_values[starts[inverse] + rank_within_groups(group_ids, values)] = values
+    position = level * (counts - 1).to(values.dtype)
+    low, high = position.floor().long(), position.ceil().long()
+    below, above = sorted_values[starts + low], sorted_values[starts + high]
+    return (below + (position - low.to(values.dtype)) * (above - below))[inverse]

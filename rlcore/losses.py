@@ -56,14 +56,16 @@ def check_policy_loss_args(
     dual_clip: float | None,
     agg: str,
     max_len: int | None,
+    modes: tuple[str, ...] = POLICY_LOSS_MODES,
     field: Callable[[str], str] = lambda arg: f"policy_loss.{arg}",
 ) -> None:
     """Validates ``policy_loss`` settings; ``field`` maps an argument to the name in errors.
 
     ``AlgorithmConfig`` calls this with its own field names, so both report e.g.
-    ``algorithm.clip_low`` or ``policy_loss.clip_low`` from the same rules.
+    ``algorithm.clip_low`` or ``policy_loss.clip_low`` from the same rules, and with the
+    loss modes it accepts (``modes``: these plus losses that replace ``policy_loss``).
     """
-    check_choice(field("mode"), mode, POLICY_LOSS_MODES)
+    check_choice(field("mode"), mode, modes)
     check_choice(field("agg"), agg, LOSS_AGGS)
     # The lower ratio bound 1 - clip_low may reach 0 (no lower truncation: CISPO's setting,
     # Tinker's clip_low_threshold=0); below 0 it would bound a ratio that is never negative.

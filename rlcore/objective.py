@@ -16,6 +16,12 @@ Rows the objective reads from the micro-batch: ``loss_mask``, ``old_logprobs``,
 ``ref_logprobs`` (KL penalty); and ``batch_num_tokens`` / ``batch_num_seqs`` /
 ``batch_num_rows``, the batch's normalisers repeated on every row (see
 :func:`add_batch_normalisers`).
+
+GVPO (``loss_mode="gvpo"``, rlcore.gvpo) is a mean over rows, so its share is rows of the
+piece / rows of the batch. It also reads ``group_ids`` and ``group_size``
+(``rlcore.gvpo.gvpo_group_columns``), the anchor's log-probs (``ref_logprobs`` or
+``old_logprobs``) and ``advantages`` = R - mean R; its loss centres the implicit reward over
+each group, so every micro-batch must hold whole groups (it raises otherwise).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from rlcore.config import AlgorithmConfig
+from rlcore.gvpo import GVPO_LOSS_MODE, gvpo_loss
 from rlcore.losses import aggregate_loss, kl_penalty, policy_loss
 
 
@@ -46,8 +53,13 @@ def batch_share(mask: torch.Tensor, micro_batch: dict[str, torch.Tensor], agg: s
     if agg == "token-mean":
         return mask.sum() / micro_batch["batch_num_tokens"][0]
     if agg == "seq-mean-token-sum-norm":  # denominator B * max_len: rows, not valid rows
-        return mask.shape[0] / micro_batch["batch_num_rows"][0]
+        return row_share(mask, micro_batch)
     return mask.any(dim=-1).sum() / micro_batch["batch_num_seqs"][0]
+
+
+def row_share(mask: torch.Tensor, micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """This piece's rows / the batch's rows (valid or not): the share of a mean over rows."""
+    return mask.shape[0] / micro_batch["batch_num_rows"][0]
 
 
 @dataclass(frozen=True)
@@ -56,13 +68,26 @@ class RLObjective:
 
     Policy loss (rlcore.losses.policy_loss with the configured mode, clip bounds, dual clip,
     aggregation and rollout-correction weights) plus ``kl_coef`` times the KL to the
-    reference policy, aggregated the same way. Metrics are shares too, so their sum over
-    pieces is the batch mean. Picklable: Ray sends it to every training rank.
+    reference policy, aggregated the same way; or, with ``loss_mode="gvpo"``, GVPO's loss
+    instead. Metrics are shares too, so their sum over pieces is the batch mean. Picklable:
+    Ray sends it to every training rank.
     """
 
     cfg: AlgorithmConfig
 
     def __call__(self, logprobs: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = micro_batch["loss_mask"]
+        if self.cfg.loss_mode == GVPO_LOSS_MODE:
+            loss, metrics = self._gvpo(logprobs, micro_batch)
+            share = row_share(mask, micro_batch)
+        else:
+            loss, metrics = self._policy(logprobs, micro_batch)
+            share = batch_share(mask, micro_batch, self.cfg.agg)
+        share = share.to(loss.dtype)
+        return loss * share, {k: v * float(share) for k, v in metrics.items()}
+
+    def _policy(self, logprobs: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """The policy loss (+ KL to the reference) of this piece, as a mean over the piece."""
         cfg = self.cfg
         mask = micro_batch["loss_mask"]
         loss, metrics = policy_loss(
@@ -78,8 +103,18 @@ class RLObjective:
                                 mask, cfg.agg, cfg.max_len)
             loss = loss + cfg.kl_coef * kl
             metrics["loss/kl_ref"] = float(kl.detach())
-        share = batch_share(mask, micro_batch, cfg.agg).to(loss.dtype)
-        return loss * share, {k: v * float(share) for k, v in metrics.items()}
+        return loss, metrics
+
+    def _gvpo(self, logprobs: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """GVPO's loss of this piece's whole groups, as a mean over its rows."""
+        cfg = self.cfg
+        anchor = micro_batch["ref_logprobs" if cfg.gvpo_anchor == "ref" else "old_logprobs"]
+        loss, metrics = gvpo_loss(
+            logprobs, anchor, micro_batch["advantages"], micro_batch["loss_mask"],
+            micro_batch["group_ids"], beta=cfg.gvpo_beta, group_sizes=micro_batch["group_size"])
+        metrics = {f"loss/{k}": v for k, v in metrics.items()}
+        metrics["loss/policy"] = float(loss.detach())
+        return loss, metrics
 
 
 @dataclass(frozen=True)

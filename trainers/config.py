@@ -235,6 +235,7 @@ def validate_run(cfg: RunConfig, base_dir: Path) -> RunConfig:
                           f"must be >= 2 with algorithm.advantage_estimator="
                           f"{cfg.algorithm.advantage_estimator!r}: a group-relative advantage of a "
                           "one-sample group is always 0, so the run would train on nothing")
+    _check_family_against_trainer(cfg)
     hf_config = AutoConfig.from_pretrained(base_dir)
     try:
         validate_layout(cfg.parallel, cfg.trainer.train_world_size, get_arch(hf_config).model_dims(hf_config))
@@ -243,3 +244,24 @@ def validate_run(cfg: RunConfig, base_dir: Path) -> RunConfig:
             raise ConfigError("trainer.train_world_size", err.value, err.allowed) from None
         raise
     return cfg
+
+
+def _check_family_against_trainer(cfg: RunConfig) -> None:
+    """What GFPO and GVPO need of the step's sizes (rlcore.gfpo, rlcore.gvpo)."""
+    algorithm, trainer = cfg.algorithm, cfg.trainer
+    n = trainer.samples_per_prompt
+    if algorithm.advantage_estimator == "gfpo" and n <= algorithm.gfpo_keep:
+        raise ConfigError("trainer.samples_per_prompt", n, f"must exceed algorithm.gfpo_keep={algorithm.gfpo_keep}: "
+                          "GFPO samples more than it keeps")
+    if algorithm.loss_mode == "gvpo":
+        # GVPO's loss is per group: every micro-batch on every rank must hold whole groups.
+        if trainer.micro_batch_size % n:
+            raise ConfigError("trainer.micro_batch_size", trainer.micro_batch_size,
+                              f"must be a multiple of trainer.samples_per_prompt={n} with loss_mode='gvpo'")
+        dp = trainer.train_world_size // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp)
+        if trainer.mini_batch_prompts % dp:
+            raise ConfigError("trainer.mini_batch_prompts", trainer.mini_batch_prompts,
+                              f"must be a multiple of the data-parallel size {dp} with loss_mode='gvpo'")
+        if algorithm.dynamic_sampling:
+            raise ConfigError("algorithm.dynamic_sampling", True, "must be false with loss_mode='gvpo' "
+                              "(dropped groups would leave mini-batches that split groups over ranks)")

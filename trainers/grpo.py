@@ -27,9 +27,12 @@ from rlcore.advantages import grpo_advantages, rloo_advantages
 from rlcore.config import AlgorithmConfig
 from rlcore.correction import rollout_correction
 from rlcore.dapo import filter_zero_variance_groups, overlong_reward_shaping
+from rlcore.gfpo import gfpo_advantages
+from rlcore.gvpo import GVPO_LOSS_MODE, gvpo_group_columns
 from rlcore.masked import masked_mean
 from rlcore.objective import RLObjective, add_batch_normalisers
 from rlcore.rewards import get_reward, score_batch
+from rlcore.riskpo import riskpo_advantages
 from rlcore.tasks import Problem
 from rollout.batching import PackedBatch, pack_groups
 from rollout.config import SamplingConfig
@@ -49,10 +52,28 @@ class PhaseTimer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - begin
 
 
-def compute_advantages(cfg: AlgorithmConfig, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    if cfg.advantage_estimator == "rloo":
-        return rloo_advantages(rewards, group_ids)
-    return grpo_advantages(rewards, group_ids, norm_by_std=cfg.divides_by_std, eps=cfg.advantage_eps)
+def compute_advantages(cfg: AlgorithmConfig, rewards: torch.Tensor, group_ids: torch.Tensor,
+                       lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [B], rows that train [B] bool) for the configured estimator."""
+    estimator, every_row = cfg.advantage_estimator, torch.ones_like(rewards, dtype=torch.bool)
+    if estimator in ("grpo", "drgrpo"):
+        return grpo_advantages(rewards, group_ids, norm_by_std=cfg.divides_by_std, eps=cfg.advantage_eps), every_row
+    if estimator == "rloo":
+        return rloo_advantages(rewards, group_ids), every_row
+    if estimator == "gfpo":
+        return gfpo_advantages(rewards, group_ids, lengths, keep=cfg.gfpo_keep, metric=cfg.gfpo_metric,
+                               norm_by_std=cfg.divides_by_std, std_over_kept=cfg.gfpo_std_over_kept,
+                               eps=cfg.advantage_eps)
+    if estimator == "riskpo":
+        return riskpo_advantages(rewards, group_ids, bundle_size=cfg.riskpo_bundle_size, alpha=cfg.riskpo_alpha,
+                                 beta=cfg.riskpo_beta, mix=cfg.riskpo_mix, norm_by_std=cfg.divides_by_std,
+                                 credit=cfg.riskpo_credit, eps=cfg.advantage_eps), every_row
+    raise ValueError(f"advantage_estimator={estimator!r} has no implementation in the step")
+
+
+def uses_gvpo_reference(cfg: AlgorithmConfig) -> bool:
+    """GVPO anchored at the reference policy needs its log-probs every step."""
+    return cfg.loss_mode == GVPO_LOSS_MODE and cfg.gvpo_anchor == "ref"
 
 
 def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -141,7 +162,7 @@ class GRPOStep:
         with timer("old_logprobs"):
             old_logprobs, entropy = self.training.compute_logprobs(batch, self.temperature, with_entropy=True)
             ref_logprobs = None
-            if self.s.algorithm.tracks_reference_kl:
+            if self.s.algorithm.tracks_reference_kl or uses_gvpo_reference(self.s.algorithm):
                 ref_logprobs = self.training.compute_logprobs(batch, self.temperature, adapter=False)
         with timer("reward"):
             reward_list, reward_metrics = rewards_future.result()
@@ -175,10 +196,9 @@ class GRPOStep:
         if cfg.overlong_shaping:
             rewards = rewards + overlong_reward_shaping(lengths, cfg.overlong_max_len, cfg.overlong_cache_len,
                                                         cfg.overlong_penalty)
-        advantages = compute_advantages(cfg, rewards, packed.group_ids)
-        keep = torch.ones_like(rewards, dtype=torch.bool)
+        advantages, keep = compute_advantages(cfg, rewards, packed.group_ids, lengths)
         if cfg.dynamic_sampling:
-            keep = filter_zero_variance_groups(rewards, packed.group_ids)
+            keep &= filter_zero_variance_groups(rewards, packed.group_ids)
         metrics["reward/kept_frac"] = keep.float().mean().item()
         weights = torch.ones_like(mask)
         if cfg.correction_enabled:
@@ -190,9 +210,13 @@ class GRPOStep:
             metrics["policy/kl_ref"] = masked_mean(old_logprobs - ref_logprobs, mask).item()
         batch = {**packed.training_inputs(), "old_logprobs": old_logprobs, "advantages": advantages,
                  "is_weights": weights, "row_index": torch.arange(len(rewards))}
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0 or uses_gvpo_reference(cfg):
             batch["ref_logprobs"] = ref_logprobs
-        return select_rows(batch, keep.nonzero().squeeze(-1)), metrics
+        rows = keep.nonzero().squeeze(-1)
+        batch = select_rows(batch, rows)
+        if cfg.loss_mode == GVPO_LOSS_MODE:
+            batch.update(gvpo_group_columns(packed.group_ids[rows]))
+        return batch, metrics
 
     def update(self, batch: dict[str, torch.Tensor], group_ids: torch.Tensor, step: int) -> dict[str, float]:
         """PPO epochs; each optimizer step takes ``mini_batch_prompts`` whole groups."""

@@ -42,6 +42,19 @@ def test_valid_non_default_settings() -> None:
     assert config.max_len == 1024
 
 
+def test_grpo_family_settings() -> None:
+    gfpo = AlgorithmConfig(advantage_estimator="gfpo", gfpo_keep=4, gfpo_metric="token_efficiency",
+                           gfpo_std_over_kept=False)
+    assert gfpo.divides_by_std is True and gfpo.gfpo_keep == 4
+    assert AlgorithmConfig(advantage_estimator="gfpo", gfpo_keep=2, norm_by_std=False).divides_by_std is False
+    gvpo = AlgorithmConfig(advantage_estimator="drgrpo", loss_mode="gvpo", gvpo_beta=0.05,
+                           gvpo_anchor="old", correction_enabled=False)
+    assert (gvpo.loss_mode, gvpo.gvpo_anchor) == ("gvpo", "old")
+    riskpo = AlgorithmConfig(advantage_estimator="riskpo", riskpo_bundle_size=1, riskpo_alpha=0.1,
+                             riskpo_beta=1.0, riskpo_mix=0.0, riskpo_credit="question_std")
+    assert riskpo.divides_by_std is True
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
@@ -75,6 +88,34 @@ def test_valid_non_default_settings() -> None:
               overlong_penalty=-1.0), r"algorithm\.overlong_penalty=-1\.0: must be >= 0"),
         (dict(dynamic_sampling=1), r"algorithm\.dynamic_sampling=1: must be true or false"),
         (dict(reward="exact"), r"algorithm\.reward='exact': must be one of the registered rewards: format, math"),
+        (dict(advantage_estimator="gfpo"), r"algorithm\.gfpo_keep=None: must be an int"),
+        (dict(advantage_estimator="gfpo", gfpo_keep=1), r"algorithm\.gfpo_keep=1: must be >= 2"),
+        (dict(gfpo_keep=4), r"algorithm\.gfpo_keep=4: only applies to advantage_estimator='gfpo'"),
+        (dict(advantage_estimator="gfpo", gfpo_keep=4, gfpo_metric="speed"),
+         r"algorithm\.gfpo_metric='speed'.*'length', 'token_efficiency'"),
+        (dict(gfpo_metric="speed"), r"algorithm\.gfpo_metric='speed'"),
+        (dict(gfpo_std_over_kept="no"), r"algorithm\.gfpo_std_over_kept='no': must be true or false"),
+        (dict(gfpo_std_over_kept=False), r"algorithm\.gfpo_std_over_kept=False: only applies"),
+        (dict(advantage_estimator="gfpo", gfpo_keep=4, norm_by_std=False, gfpo_std_over_kept=False),
+         r"algorithm\.gfpo_std_over_kept=False: only applies .* with norm_by_std"),
+        (dict(gvpo_beta=0.0), r"algorithm\.gvpo_beta=0\.0: must be > 0"),
+        (dict(gvpo_anchor="sft"), r"algorithm\.gvpo_anchor='sft'.*'ref', 'old'"),
+        (dict(loss_mode="gvpo", correction_enabled=False),
+         r"algorithm\.advantage_estimator='grpo': loss_mode='gvpo' needs the centred reward"),
+        (dict(advantage_estimator="drgrpo", loss_mode="gvpo", correction_enabled=False, kl_coef=0.1),
+         r"algorithm\.kl_coef=0\.1: loss_mode='gvpo' has its KL term built in"),
+        (dict(advantage_estimator="drgrpo", loss_mode="gvpo"),
+         r"algorithm\.correction_enabled=True: loss_mode='gvpo' uses no importance weights"),
+        (dict(loss_mode="gvpo2"), r"algorithm\.loss_mode='gvpo2'.*'reinforce', 'gvpo'"),
+        (dict(riskpo_bundle_size=0), r"algorithm\.riskpo_bundle_size=0: must be >= 1"),
+        (dict(riskpo_bundle_size=2.5), r"algorithm\.riskpo_bundle_size=2\.5: must be an int"),
+        (dict(riskpo_alpha=0.9), r"algorithm\.riskpo_beta=0\.8: must be > alpha=0\.9"),
+        (dict(riskpo_alpha=-0.1), r"algorithm\.riskpo_alpha=-0\.1: must be > 0 and < 1"),
+        (dict(riskpo_beta=1.2), r"algorithm\.riskpo_beta=1\.2: must be > 0 and <= 1"),
+        (dict(riskpo_mix=-1.0), r"algorithm\.riskpo_mix=-1\.0: must be >= 0"),
+        (dict(riskpo_credit="paper"), r"algorithm\.riskpo_credit='paper'.*'uniform', 'question_std'"),
+        (dict(advantage_estimator="drgrpo", norm_by_std=True),
+         r"algorithm\.norm_by_std=True: only .*'riskpo'"),
     ],
 )
 def test_bad_values_name_the_field(overrides: dict, match: str) -> None:

@@ -21,7 +21,7 @@ def run_config(base, *overrides):
     return validate(compose_tree([f"model.hf_path={base}", *overrides]))[0]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "drgrpo", "gspo", "cispo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "drgrpo", "gspo", "cispo", "gfpo", "gvpo", "riskpo"])
 def test_every_algorithm_preset_validates(base, algorithm):
     cfg = run_config(base, f"algorithm={algorithm}")
     assert cfg.rollout.engine.model == str(base)
@@ -82,6 +82,9 @@ def test_presets_only_override():
     # a group-relative advantage of one sample is always 0: the run would train on nothing
     ("trainer.samples_per_prompt=1", "trainer.samples_per_prompt"),
     ("algorithm=drgrpo trainer.samples_per_prompt=1", "trainer.samples_per_prompt"),
+    ("algorithm=gfpo trainer.samples_per_prompt=4", "trainer.samples_per_prompt"),
+    ("algorithm=gvpo trainer.micro_batch_size=12", "trainer.micro_batch_size"),
+    ("algorithm=gvpo algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling"),
 ])
 def test_invalid_values_name_their_field(base, override, field):
     with pytest.raises(ConfigError) as err:
