@@ -13,7 +13,8 @@ import pytest
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoTokenizer
 
-from parallel.arch.qwen3_vocab import ADDED_TOKENS, TOKEN_IDS, VOCAB_SIZE, build_qwen3_tokenizer, install_tokenizer_alias
+from parallel.arch.qwen3_vocab import (ADDED_TOKENS, TOKEN_IDS, VOCAB_SIZE, build_qwen3_tokenizer,
+                                       install_tokenizer_alias)
 
 # sha256 of Qwen2's merges.txt lines (without the "#version" header) joined by "\n", and of
 # vocab.json as "id\ttoken" lines in id order, computed from a public copy of both files
@@ -77,7 +78,8 @@ def test_added_tokens_have_qwen3s_ids(tok):
 def test_chat_template_renders_as_qwen3(tok):
     convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 4 + 5?"}]
     prompt = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
-    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 4 + 5?<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                      "<|im_start|>user\nWhat is 4 + 5?<|im_end|>\n<|im_start|>assistant\n")
     no_think = tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     assert no_think == prompt + "<think>\n\n</think>\n\n"
     answered = tok.apply_chat_template(convo + [{"role": "assistant", "content": "9"}], tokenize=False)
