@@ -2,8 +2,9 @@
 
     result = launch(fn, nproc, *args, timeout_s=600)
 
-Each rank is a fresh ``spawn``-ed process that initialises ``torch.distributed`` (gloo,
-MASTER_ADDR=127.0.0.1, a free port; RANK/WORLD_SIZE/LOCAL_RANK set like torchrun), calls
+Each rank is a fresh ``spawn``-ed process that initialises ``torch.distributed`` (gloo, over
+a TCP store the parent opens on a port the kernel picks, so no other process can take the port
+between choosing and binding it; RANK/WORLD_SIZE/LOCAL_RANK set like torchrun), calls
 ``fn(rank, world_size, *args)`` and tears the group down. ``launch`` returns rank 0's return
 value (it must be picklable). If any rank raises, every other rank is terminated and
 ``LaunchError`` carries that rank's traceback; if a rank dies without a word (a crash) or the
@@ -17,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -31,10 +31,17 @@ class LaunchError(RuntimeError):
     """A rank failed, crashed or timed out; the message holds the rank and its traceback."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def open_store(host: str, world: int, timeout_s: float = 600.0) -> dist.TCPStore:
+    """A rendezvous store listening on a port the kernel chooses (``store.port``): binding
+    first and telling the port afterwards leaves no window for another process to take it."""
+    return dist.TCPStore(host, 0, world, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=timeout_s))
+
+
+def join_group(backend: str, host: str, port: int, rank: int, world: int, timeout_s: float = 600.0) -> None:
+    """Joins the default process group through the store at ``host:port`` (``open_store``)."""
+    store = dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
 def _rank_main(rank, world, port, timeout_s, results, fn, args):
@@ -43,7 +50,7 @@ def _rank_main(rank, world, port, timeout_s, results, fn, args):
     # The ranks share the machine's cores: one thread each avoids oversubscription.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        join_group("gloo", "127.0.0.1", port, rank, world, timeout_s)
         value = fn(rank, world, *args)
         # Plain pickle copies tensors into the message: torch's queue reducers would share
         # memory through file descriptors that die with this process.
@@ -73,8 +80,8 @@ def launch(fn, nproc: int, *args, timeout_s: float = 600.0):
         raise ValueError(f"nproc={nproc}: must be >= 1")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, nproc, port, timeout_s, results, fn, args))
+    store = open_store("127.0.0.1", nproc, timeout_s)  # held open until the ranks are done
+    procs = [ctx.Process(target=_rank_main, args=(r, nproc, store.port, timeout_s, results, fn, args))
              for r in range(nproc)]
     for p in procs:
         p.start()

@@ -7,15 +7,16 @@ validates the layout before any rank starts (a bad one exits with status 2 and t
 name), launches ``--nproc`` ranks, and prints as its LAST line a JSON object with
 ``max_abs_logprob_diff`` (Megatron vs HF on the same random batch, fp32, at temperatures 1
 and 0.7), ``max_abs_entropy_diff`` and ``max_abs_export_diff`` (HF -> Megatron shards -> HF). With ``--lora-rank/--steps`` it also
-trains ``steps`` AdamW steps on a fixed batch and reports, against the same run on one
-process: ``max_abs_lora_diff`` (full adapter factors), ``max_abs_trained_logprob_diff``,
+trains ``steps`` AdamW steps on a fixed batch and reports, against the same training done by
+HF transformers with autograd and torch's AdamW (``parallel.hf_reference``, no megatron code):
+``max_abs_lora_diff`` (full adapter factors), ``max_abs_trained_logprob_diff``,
 ``max_abs_grad_diff`` (first step's reduced gradient), ``max_rel_grad_norm_diff``,
 ``max_abs_loss_diff`` (the summed losses ``forward_backward`` reports); and
 ``max_abs_merged_diff`` (the exported adapter merged into the HF model vs the trained
 Megatron model), ``zero_b_diff`` (adapters with B = 0 vs the base model), and whether only
 adapter parameters train and carry optimizer state, and ``max_abs_expert_bias_drift`` (how far
 training moved a router's aux-loss-free expert bias: it must stay frozen). Exit status 1 if
-a check fails.
+a check fails or is missing (``required_checks``).
 
 ``run_job`` is the per-rank worker (``run_jobs``: several layouts of one world size in one
 launch) and ``compare`` the parent-side checks; ``tests/parallel/test_layouts.py`` uses them.
@@ -26,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from parallel.hf_reference import hf_logprobs, hf_lora_training
 from parallel.topology import ParallelConfig, validate_layout
 from rlcore.validation import ConfigError
 
@@ -73,32 +74,11 @@ def random_batch(vocab_size: int, batch: int = 6, seq: int = 16, seed: int = 0) 
             "advantages": torch.randn(batch, generator=g)}
 
 
-def hf_logprobs(model_dir: str | Path, batch: dict, state_dict: dict | None = None,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned [B, T] log-probs and entropy from HF transformers in fp32 (optionally other weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if state_dict is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, f"{tmp}/model.safetensors")
-            (Path(tmp) / "config.json").write_text((Path(model_dir) / "config.json").read_text())
-            model_dir = tmp
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    out, entropy = torch.zeros(batch["input_ids"].shape), torch.zeros(batch["input_ids"].shape)
-    out[:, 1:] = logp[:, :-1].gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-    entropy[:, 1:] = -(logp.exp() * logp).sum(-1)[:, :-1]
-    return out, entropy
-
-
 def _reinforce_loss(logprobs: torch.Tensor, mb: dict):
     """-A * lp summed over response tokens, normalised by the batch's token count (global)."""
     mask = mb["loss_mask"].float()
-    loss = -(logprobs * mb["advantages"][:, None] * mask).sum() / mb["global_num_tokens"]
+    num_tokens = mb["global_num_tokens"] if "global_num_tokens" in mb else mask.sum()
+    loss = -(logprobs * mb["advantages"][:, None] * mask).sum() / num_tokens
     return loss, {"tokens": mask.sum()}
 
 
@@ -154,6 +134,7 @@ def run_job(rank: int, world: int, job: ParityJob) -> dict:
     adapters = set(adapter_parameters(engine.model).values())
     trainable = {p for p in engine.model.parameters() if p.requires_grad}
     out["only_adapters_train"] = _on_all_ranks(trainable == adapters)
+    out["initial_adapter"], _ = gather_adapter(engine.model)
     grad_norms, losses = [], []
     for step in range(job.steps):
         losses.append(engine.forward_backward(job.batch, _reinforce_loss)["loss"])
@@ -206,9 +187,18 @@ def hf_references(model_dir: str | Path, batch: dict) -> dict[str, torch.Tensor]
     return {"logprobs": logprobs, "logprobs_t": logprobs_t, "entropy_t": entropy_t}
 
 
+def training_reference(job: ParityJob, initial_adapter: dict[str, torch.Tensor]) -> dict:
+    """What a LoRA run of ``job`` must reproduce: HF + autograd + torch AdamW (``parallel.hf_reference``)."""
+    return hf_lora_training(job.hf_model, job.batch, initial_adapter, lora_alpha=job.lora.alpha,
+                            loss_fn=_reinforce_loss, steps=job.steps, lr=job.lr, eps=job.eps, grad_clip=1.0)
+
+
 def compare(result: dict, job: ParityJob, *, hf: dict[str, torch.Tensor], original_state: dict,
-            one_process: dict | None = None) -> dict:
-    """The parity numbers of one run (parent side; see the module docstring for each key)."""
+            reference: dict | None = None) -> dict:
+    """The parity numbers of one run (parent side; see the module docstring for each key).
+
+    ``reference``: the training run to match (``training_reference``), for LoRA jobs with steps.
+    """
     mask = job.batch["attention_mask"]
     report = {"max_abs_logprob_diff": max(_max_abs(result[k], hf[k], mask) for k in ("logprobs", "logprobs_t")),
               "max_abs_entropy_diff": _max_abs(result["entropy_t"], hf["entropy_t"], mask),
@@ -222,21 +212,40 @@ def compare(result: dict, job: ParityJob, *, hf: dict[str, torch.Tensor], origin
     if job.steps:
         merged, _ = hf_logprobs(job.hf_model, job.batch, state_dict=result["merged"])
         report["max_abs_merged_diff"] = _max_abs(merged, result["trained_logprobs"], mask)
-    if one_process is not None and job.steps:
-        ref_norms = torch.tensor(one_process["grad_norms"])
+    if reference is not None and job.steps:
+        ref_norms = torch.tensor(reference["grad_norms"])
         report.update(
-            max_abs_lora_diff=_max_abs(result["adapter"], one_process["adapter"]),
-            max_abs_trained_logprob_diff=_max_abs(result["trained_logprobs"], one_process["trained_logprobs"], mask),
-            max_abs_grad_diff=_max_abs(result["first_grads"], one_process["first_grads"]),
-            max_abs_loss_diff=_max_abs(torch.tensor(result["losses"]), torch.tensor(one_process["losses"])),
+            max_abs_lora_diff=_max_abs(result["adapter"], reference["adapter"]),
+            max_abs_trained_logprob_diff=_max_abs(result["trained_logprobs"], reference["trained_logprobs"], mask),
+            max_abs_grad_diff=_max_abs(result["first_grads"], reference["first_grads"]),
+            max_abs_loss_diff=_max_abs(torch.tensor(result["losses"]), torch.tensor(reference["losses"])),
             max_rel_grad_norm_diff=float(((torch.tensor(result["grad_norms"]) - ref_norms).abs() / ref_norms).max()))
     return report
 
 
-def failures(report: dict) -> list[str]:
-    """The checks of ``report`` outside their tolerance (``TOLERANCES``) or false."""
-    bad = [k for k, tol in TOLERANCES.items() if k in report and not report[k] <= tol]
-    return bad + [k for k in ("only_adapters_train", "optimizer_state_only_adapters") if report.get(k) is False]
+BASE_CHECKS = ("max_abs_logprob_diff", "max_abs_entropy_diff", "max_abs_export_diff")
+LORA_CHECKS = ("zero_b_diff", "max_abs_expert_bias_drift", "only_adapters_train", "optimizer_state_only_adapters")
+TRAINING_CHECKS = ("max_abs_merged_diff", "max_abs_lora_diff", "max_abs_trained_logprob_diff", "max_abs_grad_diff",
+                   "max_abs_loss_diff", "max_rel_grad_norm_diff")
+
+
+def required_checks(job: ParityJob) -> tuple[str, ...]:
+    """Every check a report of ``job`` must hold: a missing one is a failure, not a pass."""
+    return BASE_CHECKS + (LORA_CHECKS if job.lora else ()) + (TRAINING_CHECKS if job.lora and job.steps else ())
+
+
+def failures(report: dict, job: ParityJob) -> list[str]:
+    """The required checks of ``report`` that are missing, outside their tolerance or false."""
+    bad = []
+    for check in required_checks(job):
+        value = report.get(check)
+        if value is None:
+            bad.append(f"{check} (missing)")
+        elif isinstance(value, bool):
+            bad += [] if value else [check]
+        elif not value <= TOLERANCES[check]:
+            bad.append(check)
+    return bad
 
 
 def _parse(argv) -> argparse.Namespace:
@@ -279,12 +288,12 @@ def main(argv=None) -> int:
     job = ParityJob(args.hf_model, pcfg, random_batch(hf_config.vocab_size, seed=args.seed), lora=lora,
                     steps=args.steps, lr=args.lr, eps=args.eps, micro_batch_size=args.micro_batch_size)
     original = load_file(Path(args.hf_model) / "model.safetensors")
-    one_process = launch(run_job, 1, replace(job, parallel=ParallelConfig())) if lora and args.steps else None
     result = launch(run_job, args.nproc, job)
+    reference = training_reference(job, result["initial_adapter"]) if lora and args.steps else None
     report = compare(result, job, hf=hf_references(args.hf_model, job.batch), original_state=original,
-                     one_process=one_process)
+                     reference=reference)
     report = {"layout": {"tp": pcfg.tp, "pp": pcfg.pp, "ep": pcfg.ep, "etp": pcfg.expert_tp, "sp": pcfg.sp,
-                         "nproc": args.nproc}, **report, "failed": failures(report)}
+                         "nproc": args.nproc}, **report, "failed": failures(report, job)}
     print(json.dumps(report))
     return 1 if report["failed"] else 0
 

@@ -17,6 +17,7 @@ Weights change in two ways (see ``rollout.sync``, which stages the files):
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,21 @@ from rollout.config import EngineConfig, SamplingConfig
 from rollout.samples import Completion, SampleGroup
 
 GIB = 1 << 30
+LOG_DIR_ENV = "TRILLORA_LOG_DIR"
+
+
+def redirect_output(name: str) -> None:
+    """Sends this process's stdout and stderr (Python's and C++'s alike) to
+    ``$TRILLORA_LOG_DIR/<name>.log``, when the run set that folder (``trainers.run_logs``)."""
+    log_dir = os.environ.get(LOG_DIR_ENV)
+    if not log_dir:
+        return
+    fd = os.open(os.path.join(log_dir, f"{name}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,7 @@ class RolloutEngine:
     """A vLLM engine loaded from an HF checkpoint; methods are called through Ray."""
 
     def __init__(self, config: EngineConfig, index: int):
+        redirect_output(f"rollout-engine-{index}")
         set_engine_environment(config)
         from vllm import LLM
 

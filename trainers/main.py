@@ -34,6 +34,7 @@ from trainers.placement import place_fleets, start_ray
 from trainers.preemption import EXIT_PREEMPTED, Preemption, StopRequested
 from trainers.prompts import PromptSource
 from trainers.run_dir import OpenedRunDir, open_run_dir
+from trainers.run_logs import implementations_line, start_run_logs
 from trainers.sft import finetune_base
 from trainers.tracking import MetricsTracker
 from trainers.training_fleet import TrainingFleet, TrainingFleetSpec, TrainingRankDied
@@ -92,6 +93,8 @@ class Run:
 
         self.cfg, self.log, self.run_dir = cfg, log, opened.path
         self.resume = opened.resume
+        start_run_logs(self.run_dir)
+        log(implementations_line(cfg))
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.trainer.keep_checkpoints, log=log)
@@ -116,7 +119,8 @@ class Run:
             recover=self.recover, log=log)
         self.start_step, self.resumed_from = self._restore()
         self.tracker = MetricsTracker(self.run_dir, cfg.logger, cfg.to_dict(),
-                                      resume_step=self.resumed_from.step if self.resumed_from else None)
+                                      resume_step=self.resumed_from.step if self.resumed_from else None,
+                                      total_steps=t.steps)
 
     def recover(self, call):
         return with_engine_recovery(self.rollout, call, self.log)

@@ -22,15 +22,22 @@ LOCAL_LOGICAL_CPUS = 8
 
 
 def start_ray(address: str | None) -> None:
+    """Starts (or joins) Ray. Actors write their output to the run's log folder when the
+    driver set one (``trainers.run_logs``); Ray's own messages go to the driver's log."""
     if ray.is_initialized():
         return
     # Actors inherit the driver's environment; keep their threads to what one core can run.
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    from rollout.engine import LOG_DIR_ENV
+
+    logged = LOG_DIR_ENV in os.environ
+    if logged:
+        env[LOG_DIR_ENV] = os.environ[LOG_DIR_ENV]
+    options = dict(runtime_env={"env_vars": env}, log_to_driver=not logged, configure_logging=not logged)
     if address is None:
-        ray.init(num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env})
+        ray.init(num_cpus=LOCAL_LOGICAL_CPUS, include_dashboard=False, **options)
     else:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address, **options)
 
 
 @dataclass(frozen=True)

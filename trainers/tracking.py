@@ -1,4 +1,7 @@
-"""Where a run's metrics go: a JSONL file, W&B, a PNG plot, and one line per step on the console.
+"""Where a run's metrics go: a JSONL file, W&B, a PNG plot, and the console.
+
+On a terminal the console holds a progress bar carrying the latest step's figures, with a
+line per evaluation above it; elsewhere (a log file, CI) it gets one line per step.
 
 The JSONL file is the source of truth (W&B is a view of it): one object per step, appended and
 flushed as soon as the step ends. On resume from step k the lines of steps after k (written
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +58,16 @@ def _plain(value: Any) -> Any:
 class MetricsTracker:
     """Writes each step's metrics to JSONL, W&B and the console; draws the plot on demand."""
 
-    def __init__(self, run_dir: str | Path, cfg: LoggerConfig, run_config: dict, resume_step: int | None):
+    def __init__(self, run_dir: str | Path, cfg: LoggerConfig, run_config: dict, resume_step: int | None,
+                 total_steps: int | None = None):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
+        self._bar = None
+        if cfg.console and sys.stdout.isatty() and total_steps:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="RL steps", unit="step",
+                             dynamic_ncols=True, file=sys.stdout)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self.plot_path = self.run_dir / "progress.png"
         self._truncate_after(resume_step)
@@ -97,7 +108,13 @@ class MetricsTracker:
             os.fsync(f.fileno())
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        if self.cfg.console:
+        if self._bar is not None:
+            if step > 0:
+                self._bar.update(step - self._bar.n)
+            self._bar.set_postfix_str(self.console_line(step, metrics).split(" | ", 1)[-1], refresh=True)
+            if any(key.startswith("eval/") for key in metrics):
+                self._bar.write(self.console_line(step, metrics))
+        elif self.cfg.console:
             print(self.console_line(step, metrics), flush=True)
 
     @staticmethod
@@ -139,6 +156,8 @@ class MetricsTracker:
         return self.plot_path
 
     def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
         self.draw_plot()
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -43,23 +43,28 @@ class TrainingRank:
     """One Megatron rank inside a Ray actor (see ``TrainingFleet``)."""
 
     def __init__(self, rank: int, world_size: int):
+        from rollout.engine import redirect_output
+
+        redirect_output(f"training-rank-{rank}")
         self.rank, self.world_size = rank, world_size
         self.engine = None
+        self._store = None
 
     def rendezvous_address(self) -> tuple[str, int]:
-        from parallel.launch import free_port
+        """Rank 0 opens the group's store on a port the kernel picks (``parallel.launch``)."""
+        from parallel.launch import open_store
 
-        return ray.util.get_node_ip_address(), free_port()
+        host = ray.util.get_node_ip_address()
+        self._store = open_store(host, self.world_size)
+        return host, self._store.port
 
     def start(self, master: tuple[str, int], spec: TrainingFleetSpec) -> int:
-        import torch.distributed as dist
-
         from parallel.engine import TrainingEngine
+        from parallel.launch import join_group
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}",
-                                rank=self.rank, world_size=self.world_size)
+        join_group(backend, master[0], master[1], self.rank, self.world_size)
         self.engine = TrainingEngine(spec.model_dir, spec.parallel, spec.lora, seed=spec.seed,
                                      micro_batch_size=spec.micro_batch_size)
         return os.getpid()

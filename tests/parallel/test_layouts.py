@@ -5,9 +5,11 @@ TP2, dense Qwen3 and a Qwen2-MoE with a gated shared expert and q/k/v biases; on
 TP2+SP, EP2 and PP2, a DeepSeek-V3-family model: MLA, a dense first layer, sigmoid group-limited
 routing with a non-zero expert bias that training must leave unchanged, a shared expert): log-probs equal HF transformers' (1e-4); HF -> shards -> HF export is
 exact; entropy and log-probs at temperature 0.7 equal HF's; LoRA with B = 0 is exactly the base model; only adapters train and carry optimizer
-state; after 3 AdamW steps the first step's reduced gradient, the grad norms, the adapters
-the summed loss and the log-probs equal the one-process run's (1e-5); the adapter merged into the HF model
-equals the trained Megatron model (1e-4).
+state; after 3 AdamW steps the first step's reduced gradient, the grad norms, the adapters,
+the summed loss and the log-probs equal an independent run of the same training by HF transformers,
+autograd and torch's AdamW (``parallel.hf_reference``; 1e-5) — the one-process layout included; the
+adapter merged into the HF model equals the trained Megatron model (1e-4). A check missing from a
+report fails it (``parallel.parity.required_checks``).
 
 The batch (5 rows, micro-batches of 2) splits unevenly over DP ranks, so ranks run padding
 micro-batches. Launches are the cost on a 2-core machine, so each world size runs once and does all of its
@@ -19,10 +21,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import torch
+
 import pytest
 from safetensors.torch import load_file
 
-from parallel.parity import ParityJob, compare, failures, hf_references, random_batch, run_jobs
+from parallel.parity import ParityJob, compare, failures, hf_references, random_batch, run_jobs, training_reference
 from parallel.topology import ParallelConfig
 
 LAYOUTS = {  # name: (model, nproc, layout)
@@ -42,7 +46,6 @@ LAYOUTS = {  # name: (model, nproc, layout)
     "dsv3_ep2": ("dsv3", 2, ParallelConfig(ep=2)),
     "dsv3_pp2": ("dsv3", 2, ParallelConfig(pp=2)),
 }
-ONE_PROCESS = {"moe": "1proc", "dense": "dense_1proc", "qwen2moe": "qwen2moe_1proc", "dsv3": "dsv3_1proc"}
 
 
 @pytest.fixture(scope="module")
@@ -99,22 +102,40 @@ def layout_runs(model_dirs):
 
 
 @pytest.fixture(scope="module")
-def references(model_dirs):
-    """model -> (HF log-probs and entropy, original HF tensors)."""
-    return {model: (hf_references(d, _base_job(d).batch), load_file(d / "model.safetensors"))
-            for model, d in model_dirs.items()}
+def references(model_dirs, layout_runs):
+    """model -> (HF log-probs and entropy, original HF tensors, HF + autograd training run).
+
+    Every layout starts from the same adapter (factors are drawn by canonical name), so the
+    reference starts from the one-process run's initial adapter."""
+    out = {}
+    for model, d in model_dirs.items():
+        job = _base_job(d)
+        initial = next(r["initial_adapter"] for name, (_, r) in layout_runs.items()
+                       if LAYOUTS[name][0] == model and LAYOUTS[name][1] == 1)
+        out[model] = (hf_references(d, job.batch), load_file(d / "model.safetensors"),
+                      training_reference(job, initial), initial)
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_hf_and_one_process(layout, layout_runs, references):
-    model = LAYOUTS[layout][0]
+def test_layout_matches_hf_and_the_independent_training_reference(layout, layout_runs, references):
     job, result = layout_runs[layout]
-    _, one_process = layout_runs[ONE_PROCESS[model]]
-    hf_reference, original = references[model]
-    report = compare(result, job, hf=hf_reference, original_state=original, one_process=one_process)
+    hf_reference, original, training, initial = references[LAYOUTS[layout][0]]
+    report = compare(result, job, hf=hf_reference, original_state=original, reference=training)
     print(layout, json.dumps(report))  # the numbers, shown with ``pytest -rP``
-    assert not failures(report), f"{failures(report)} failed: {report}"
-    # every check ran, and training moved the model away from the base
-    assert {"max_abs_lora_diff", "max_abs_merged_diff", "max_abs_grad_diff", "max_abs_expert_bias_drift"} <= report.keys()
+    assert not failures(report, job), f"{failures(report, job)} failed: {report}"
+    # every layout starts from the same adapter, and training moved the model away from the base
+    assert initial.keys() == result["initial_adapter"].keys()
+    assert all(torch.equal(initial[k], result["initial_adapter"][k]) for k in initial)
     assert (result["trained_logprobs"] - result["logprobs"]).abs().max() > 1e-2
+
+
+def test_a_missing_check_fails_the_report():
+    job = _base_job("unused")
+    report = {k: 0.0 for k in ("max_abs_logprob_diff", "max_abs_entropy_diff", "max_abs_export_diff")}
+    assert failures(report, job) and all("missing" in f for f in failures(report, job))
+    assert not failures({**report, **{k: 0.0 for k in ("zero_b_diff", "max_abs_expert_bias_drift")},
+                         "only_adapters_train": True, "optimizer_state_only_adapters": True,
+                         **{k: 0.0 for k in ("max_abs_merged_diff", "max_abs_lora_diff", "max_abs_trained_logprob_diff",
+                                             "max_abs_grad_diff", "max_abs_loss_diff", "max_rel_grad_norm_diff")}}, job)

@@ -88,8 +88,8 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    log = run_dir / "log.txt"
+    base = tmp_path_factory.mktemp("uninterrupted")
+    run_dir, log = base / "run", base / "log.txt"
     finish(start(overrides(run_dir, cache), log), log)
     return run_dir
 
@@ -104,12 +104,21 @@ def test_short_run_produces_everything(uninterrupted):
     assert list(Path(summary["wandb"]).parent.glob("offline-run-*"))
     for row in rows(uninterrupted)[1:]:
         for key in ("reward/mean", "loss/policy", "loss/clip_frac", "optim/grad_norm", "policy/entropy",
-                    "policy/kl_ref", "correction/mismatch_kl", "correction/is_weight_mean", "time/generate"):
+                    "correction/mismatch_kl", "correction/is_weight_mean", "time/generate"):
             assert math.isfinite(row[key]), key
+        assert "policy/kl_ref" not in row  # kl_coef=0: no reference forward (algorithm.track_reference_kl)
         # fp32 vLLM vs fp32 Megatron: the backends agree on the sampled tokens' log-probs.
         assert abs(row["correction/mismatch_kl"]) < 1e-4
         assert row["sync/version"] == row["step"]
-    assert 0 <= summary["acc_greedy_before"] <= 1 and "gain_greedy" in summary
+    evals = [r for r in rows(uninterrupted) if "eval/acc_greedy" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # eval_every=2 and the last step
+    for kind in ("greedy", "sampled"):
+        before, after = evals[0][f"eval/acc_{kind}"], evals[-1][f"eval/acc_{kind}"]
+        assert (summary[f"acc_{kind}_before"], summary[f"acc_{kind}_after"]) == (before, after)
+        assert summary[f"gain_{kind}"] == pytest.approx((after - before) / (1 - before) if before < 1 else 0.0)
+        # 8 held-out prompts: every accuracy is a whole number of eighths
+        assert all((r[f"eval/acc_{kind}"] * 8) == round(r[f"eval/acc_{kind}"] * 8) for r in evals)
+    assert all(r["optim/skipped_steps"] == 0 for r in rows(uninterrupted)[1:])
 
 
 def test_sigkill_and_resume_matches_the_uninterrupted_run(tmp_path, cache, uninterrupted):
@@ -125,14 +134,7 @@ def test_sigkill_and_resume_matches_the_uninterrupted_run(tmp_path, cache, unint
     assert "resumed from" in log2.read_text()
     resumed = rows(run_dir)
     assert [r["step"] for r in resumed] == list(range(STEPS + 1)), "every step once, none skipped"
-    reference = {r["step"]: r for r in rows(uninterrupted)}
-    for row in resumed[3:]:
-        want = reference[row["step"]]
-        assert set(row) == set(want)
-        for key, value in row.items():
-            if key.startswith(VOLATILE) or not isinstance(value, float):
-                continue
-            assert value == pytest.approx(want[key], rel=1e-5, abs=1e-7), (row["step"], key)
+    assert_same_rows(resumed, rows(uninterrupted), after=2)
 
 
 def test_a_killed_rollout_engine_is_restarted_and_the_run_finishes(tmp_path, cache, uninterrupted):
@@ -147,6 +149,113 @@ def test_a_killed_rollout_engine_is_restarted_and_the_run_finishes(tmp_path, cac
     text = log.read_text()
     assert "restarting engine 0" in text
     assert [r["step"] for r in rows(run_dir)] == [0, 1, 2, 3]
+
+
+def adapter(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_poisoned_step_is_skipped_and_training_goes_on(tmp_path, cache):
+    """Step 2's gradients are NaN on the training ranks (real backward through Megatron): its
+    4 optimizer steps are skipped, the later steps train, and the final adapter equals a run
+    whose step 2 simply had no update."""
+    finals = {}
+    for kind in ("nan", "skip_update"):
+        run_dir, log = tmp_path / kind, tmp_path / f"{kind}.txt"
+        finish(start(overrides(run_dir, cache, steps=3) + [
+            "trainer.fault_steps=[2]", f"trainer.fault_kind={kind}", "trainer.max_skipped_steps=5"], log), log)
+        finals[kind] = (adapter(run_dir), rows(run_dir))
+    (poisoned, poisoned_rows), (absent, _) = finals["nan"], finals["skip_update"]
+    step2, step3 = poisoned_rows[2], poisoned_rows[3]
+    assert step2["optim/skipped"] == 4 and step2["optim/skipped_steps"] == 4  # 2 epochs x 2 mini-batches
+    assert step3["optim/skipped"] == 0 and math.isfinite(step3["loss/policy"])
+    assert step3["optim/grad_norm"] > 0
+    assert "step 2: optimizer step 1 skipped: non-finite loss=nan" in (tmp_path / "nan.txt").read_text()
+    for key, tensor in absent.items():
+        scale = tensor.abs().max().clamp(min=1e-6)
+        assert float((poisoned[key] - tensor).abs().max() / scale) <= 1e-5, key
+    assert any(float(t.abs().max()) > 0 for k, t in absent.items() if "lora_B" in k)  # it trained
+
+
+def test_a_run_that_keeps_going_non_finite_stops_with_its_last_good_checkpoint(tmp_path, cache):
+    import torch
+
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start(overrides(run_dir, cache, steps=4) + ["trainer.fault_steps=[2,3,4]"], log)
+    rc = proc.wait(timeout=900)
+    text = log.read_text()
+    assert rc == 1, text[-6000:]
+    assert "ERROR: step 2: 3 optimizer steps in a row were skipped, the last with a non-finite loss=nan" in text
+    assert "Newest complete checkpoint: step 1" in text
+    assert f"trainer.resume=auto trainer.run_dir={run_dir}" in text
+    state = run_dir / "checkpoints" / "step_000001" / "train"
+    for shard in state.glob("adapter-state-rank*.pt"):
+        for record in torch.load(shard, weights_only=True).values():
+            assert torch.isfinite(record["value"]).all()
+    assert not (run_dir / "checkpoints" / "step_000002").exists()
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_a_second_driver_is_refused(tmp_path, cache, uninterrupted):
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    args = overrides(run_dir, cache) + ["trainer.checkpoint_every=10"]
+    proc = start(args, log)
+    wait_for(lambda: "training fleet:" in log.read_text(), proc, log)
+    # The same command again (a Slurm requeue while the job still runs): refused at once.
+    second_log = tmp_path / "second.txt"
+    began = time.monotonic()
+    second = start(args, second_log)
+    assert second.wait(timeout=120) == 3
+    assert time.monotonic() - began < 60
+    assert f"pid {proc.pid}" in second_log.read_text() and "in use by another driver" in second_log.read_text()
+
+    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= 3, proc, log)
+    signalled = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+    elapsed = time.monotonic() - signalled
+    text = log.read_text()
+    assert rc == 75, text[-6000:]
+    assert elapsed < 120, elapsed  # trainer.preemption_grace_s
+    done = max(r["step"] for r in rows(run_dir))
+    assert (run_dir / "checkpoints" / f"step_{done:06d}" / "COMPLETE").is_file(), "no checkpoint at the boundary"
+    assert f"Stopped by SIGTERM after step {done} (checkpointed)" in text and done < STEPS
+    assert not session_processes(os.getsid(proc.pid), "ray::"), "fleet processes left behind"
+
+    log2 = tmp_path / "log-resumed.txt"
+    finish(start(args, log2), log2)
+    assert f"at step {done + 1}" in log2.read_text()
+    assert_same_rows(rows(run_dir), rows(uninterrupted), after=done)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache, uninterrupted):
+    import shutil
+
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    shutil.copytree(uninterrupted, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    damaged = run_dir / "checkpoints" / "step_000004" / "trainer_state.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # truncated after its COMPLETE marker
+    finish(start(overrides(run_dir, cache, steps=STEPS), log), log)
+    text = log.read_text()
+    assert "checkpoint step 4 is damaged" in text and str(damaged) in text
+    assert "resumed from" in text and "step_000003 at step 4" in text
+    assert (run_dir / "checkpoints" / "step_000004.damaged").is_dir()  # kept, not deleted
+    assert [r["step"] for r in rows(run_dir)] == list(range(STEPS + 1))
+    assert_same_rows(rows(run_dir), rows(uninterrupted), after=3)
+
+
+def assert_same_rows(got: list[dict], want: list[dict], after: int) -> None:
+    reference = {r["step"]: r for r in want}
+    for row in got:
+        if row["step"] <= after:
+            continue
+        expected = reference[row["step"]]
+        assert set(row) == set(expected)
+        for key, value in row.items():
+            if key.startswith(VOLATILE) or not isinstance(value, float):
+                continue
+            assert value == pytest.approx(expected[key], rel=1e-5, abs=1e-7), (row["step"], key)
 
 
 def test_a_dead_training_rank_stops_the_run_with_how_to_resume(tmp_path, cache):
