@@ -33,7 +33,7 @@ from torch import nn
 from parallel.arch.builder import Arch
 from parallel.files import atomic_write, file_entry
 from parallel.arch.mapping import Placement, join, split
-from parallel.lora import LoraConfig, adapter_parameters, lora_config_of
+from parallel.lora import DEFAULT_ADAPTER, LoraConfig, adapter_parameters, lora_config_of
 from parallel.lora_factors import Shard
 from parallel.lora_experts import OUTER_FACTORS
 
@@ -81,16 +81,16 @@ def _assemble(pieces: Iterable[tuple[str, Shard, torch.Tensor]]) -> dict[str, to
     return full
 
 
-def gather_adapter(model: nn.Module) -> tuple[dict[str, torch.Tensor], LoraConfig | None]:
-    """The full adapter (canonical name -> full factor) and its config on global rank 0.
+def gather_adapter(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> tuple[dict[str, torch.Tensor], LoraConfig | None]:
+    """The full adapter ``adapter`` (canonical name -> full factor) and its config on global rank 0.
 
     Other ranks get ``({}, None)``. Every slice crosses the network once (owners only), so
     rank 0 receives the adapter's size: fine for export; at 1T scale with rank 128 (~60B
     parameters) write per-rank shards instead (``save_adapter_state``).
     """
-    pieces = [(name, p.lora_shard, p.detach().clone()) for name, p in adapter_parameters(model).items()
+    pieces = [(name, p.lora_shard, p.detach().clone()) for name, p in adapter_parameters(model, adapter).items()
               if _exports_here(p)]
-    payload = (pieces, lora_config_of(model))
+    payload = (pieces, lora_config_of(model, adapter))
     rank, world = _world()
     if world == 1:
         return _assemble(pieces), payload[1]
@@ -183,7 +183,7 @@ def _peft_config(cfg: LoraConfig, tensors: dict[str, torch.Tensor], base_model: 
 
 
 def export_peft_adapter(model: nn.Module, out_dir: str | Path, *, arch: Arch, hf_config,
-                        base_model_name_or_path: str | None = None) -> Path | None:
+                        base_model_name_or_path: str | None = None, adapter: str = DEFAULT_ADAPTER) -> Path | None:
     """Writes the adapter as a PEFT folder on rank 0 (collective); returns the folder there.
 
     ``adapter_config.json`` comes from ``peft.LoraConfig`` itself (r, lora_alpha,
@@ -193,7 +193,7 @@ def export_peft_adapter(model: nn.Module, out_dir: str | Path, *, arch: Arch, hf
     gate_proj when only dense MLPs are adapted) matches ``target_modules`` too; PEFT then
     builds a zero-B adapter there, which changes nothing.
     """
-    full, cfg = gather_adapter(model)
+    full, cfg = gather_adapter(model, adapter)
     if _world()[0] != 0:
         return None
     if cfg is None:
@@ -265,7 +265,7 @@ def merge_peft_adapter_into_hf(hf_state_dict: dict[str, torch.Tensor],
     return merge_lora(hf_state_dict, tensors, config["lora_alpha"] / config["r"])
 
 
-def merged_state_dict(model: nn.Module, *, arch: Arch, hf_config) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, *, arch: Arch, hf_config, adapter: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The full HF state dict of base + adapter (per-expert keys) on rank 0, ``{}`` elsewhere.
 
     What a rollout engine that reloads full weights needs (vLLM's in-place reload takes the
@@ -274,23 +274,24 @@ def merged_state_dict(model: nn.Module, *, arch: Arch, hf_config) -> dict[str, t
     from parallel.checkpoint import export_hf_state_dict
 
     base = export_hf_state_dict(model, arch, hf_config)
-    full, cfg = gather_adapter(model)
+    full, cfg = gather_adapter(model, adapter)
     if _world()[0] != 0:
         return {}
     return merge_lora(base, peft_tensors(full, arch, hf_config), cfg.scaling)
 
 
-def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, *, arch: Arch, hf_config) -> None:
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, *, arch: Arch, hf_config,
+                      adapter: str = DEFAULT_ADAPTER) -> None:
     """Loads a PEFT adapter into the sharded model, whatever its layout: every rank reads
     the tensors of its own modules (lazily) and takes its slices. Rank and scaling must match
     the injected adapters."""
     config, tensors = read_peft_adapter(adapter_dir)
-    cfg = lora_config_of(model)
+    cfg = lora_config_of(model, adapter)
     if cfg is not None and (config["r"], config["lora_alpha"] / config["r"]) != (cfg.rank, cfg.scaling):
         raise ValueError(f"{adapter_dir}: r={config['r']}, lora_alpha={config['lora_alpha']} do not match "
                          f"the model's lora.rank={cfg.rank}, lora.alpha={cfg.alpha}")
     with torch.no_grad():
-        for name, param in adapter_parameters(model).items():
+        for name, param in adapter_parameters(model, adapter).items():
             param.copy_(param.lora_shard.take(canonical_factor(tensors, name, arch, hf_config)))
 
 
@@ -303,7 +304,8 @@ def _state_file(out_dir: Path, rank: int) -> Path:
     return out_dir / f"adapter-state-rank{rank:05d}.pt"
 
 
-def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | Path) -> dict[str, dict]:
+def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | Path,
+                       adapter: str = DEFAULT_ADAPTER) -> dict[str, dict]:
     """Writes this rank's adapter slices and their optimizer state, one file per rank (collective).
 
     Only the ranks that own a slice write it (as in ``gather_adapter``), each file atomically
@@ -315,7 +317,7 @@ def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {}
-    for name, p in adapter_parameters(model).items():
+    for name, p in adapter_parameters(model, adapter).items():
         if _exports_here(p):
             state = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
             records[name] = {"shard": asdict(p.lora_shard), "value": p.detach().clone(), "optimizer": state}
@@ -327,13 +329,15 @@ def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_d
     return {path.name: file_entry(path)}
 
 
-def load_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, in_dir: str | Path) -> None:
+def load_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, in_dir: str | Path,
+                       adapter: str = DEFAULT_ADAPTER) -> None:
     """Restores adapter slices and optimizer state saved by ``save_adapter_state``.
 
     Reads every rank's file (memory-mapped: only the needed tensors are touched) and
     reassembles each factor and each per-element optimizer tensor (AdamW's ``exp_avg``,
     ``exp_avg_sq``) from the saved slices before taking this rank's slice, so the layout
-    may differ from the one that saved; scalar state (``step``) is copied.
+    may differ from the one that saved; scalar state (``step``) is copied. With
+    ``optimizer=None`` only the weights are restored.
     """
     files = sorted(Path(in_dir).glob("adapter-state-rank*.pt"))
     if not files:
@@ -343,10 +347,12 @@ def load_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, in_di
         for name, record in torch.load(f, mmap=True, weights_only=True).items():
             saved.setdefault(name, []).append(record)
     with torch.no_grad():
-        for name, p in adapter_parameters(model).items():
+        for name, p in adapter_parameters(model, adapter).items():
             if name not in saved:
                 raise KeyError(f"{in_dir}: no saved state for {name}")
             p.copy_(p.lora_shard.take(_full_from_records(name, saved[name], lambda r: r["value"])))
+            if optimizer is None:
+                continue
             state = {}
             for key, value in saved[name][0]["optimizer"].items():
                 if torch.is_tensor(value) and value.shape != () and value.dim() == p.dim():

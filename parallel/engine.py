@@ -43,6 +43,7 @@ resume). Reference log-probs for a KL penalty are the base model's:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -53,7 +54,8 @@ import torch.distributed as dist
 from parallel.arch import build_model, get_arch
 from parallel.checkpoint import export_hf_state_dict, load_hf_checkpoint
 from parallel.logprobs import token_entropy, token_logprobs
-from parallel.lora import inject_lora
+from parallel.lora import (DEFAULT_ADAPTER, adapter_names, adapter_parameters, inject_lora, remove_lora,
+                           use_adapter)
 from parallel.optim import AdamWSettings, ShardedAdamW
 from parallel.topology import ParallelConfig, init_parallel, validate_layout
 
@@ -72,7 +74,9 @@ class TrainingEngine:
     """A megatron-core model shard with log-probs, forward/backward and an AdamW step."""
 
     def __init__(self, hf_model_dir: str, parallel: ParallelConfig, lora=None, seed: int = 0,
-                 micro_batch_size: int = 1):
+                 micro_batch_size: int = 1, train_base: bool = False):
+        """``lora``: the default adapter (``DEFAULT_ADAPTER``); more come with ``add_adapter``.
+        ``train_base``: train every weight of the model instead (full fine-tuning, no LoRA)."""
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
 
@@ -90,13 +94,40 @@ class TrainingEngine:
         # Sum semantics: megatron's schedule must not divide a loss by token or micro-batch counts.
         self.model.config.calculate_per_token_loss = True
         load_hf_checkpoint(self.model, hf_model_dir, self.arch, self.hf_config)
-        if lora is not None:
-            inject_lora(self.model, lora)
-        self.optimizer = ShardedAdamW(list(self.model.named_parameters()))
-        self._loss_finite = True  # every loss since the last optimizer step was finite
+        # What trains, by adapter name: each adapter's factors with its own AdamW, or with
+        # train_base every weight of the model under DEFAULT_ADAPTER (full fine-tuning).
+        self.optimizers: dict[str, ShardedAdamW] = {}
+        self._loss_finite: dict[str, bool] = {}  # every loss since the adapter's last step was finite
+        if train_base:
+            if lora is not None:
+                raise ValueError("train_base trains every weight: give no lora")
+            self.optimizers[DEFAULT_ADAPTER] = ShardedAdamW(list(self.model.named_parameters()))
+            self._loss_finite[DEFAULT_ADAPTER] = True
+        elif lora is not None:
+            self.add_adapter(DEFAULT_ADAPTER, lora)
         self._dp_rank = ps.get_data_parallel_rank()
         self._dp_size = ps.get_data_parallel_world_size()
         self._is_owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    # ---- adapters -------------------------------------------------------------------------
+    def add_adapter(self, name: str, lora) -> None:
+        """A new LoRA adapter ``name`` on the shared base, with its own AdamW (collective)."""
+        inject_lora(self.model, lora, name)
+        params = {id(p) for p in adapter_parameters(self.model, name).values()}
+        named = [(n, p) for n, p in self.model.named_parameters() if id(p) in params]
+        self.optimizers[name] = ShardedAdamW(named)
+        self._loss_finite[name] = True
+
+    def remove_adapter(self, name: str) -> None:
+        remove_lora(self.model, name)
+        self.optimizers.pop(name)
+        self._loss_finite.pop(name)
+
+    def _using(self, adapter: str | None):
+        """Selects ``adapter`` (None: the frozen base) for the call, if the model has adapters."""
+        if adapter is not None and adapter not in self.optimizers:
+            raise KeyError(f"no adapter named {adapter!r} (have {sorted(self.optimizers)})")
+        return use_adapter(self.model, adapter) if adapter_names(self.model) else contextlib.nullcontext()
 
     # ---- batching -------------------------------------------------------------------------
     def _micro_batches(self, batch: dict) -> tuple[list[_MicroBatch], int]:
@@ -151,9 +182,14 @@ class TrainingEngine:
         return full
 
     # ---- public API -----------------------------------------------------------------------
-    @torch.no_grad()
-    def compute_logprobs(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
-        """[B, T] log-probs (and entropy if asked) of ``batch['input_ids']``; see module docstring."""
+    def compute_logprobs(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False,
+                         adapter: str | None = DEFAULT_ADAPTER):
+        """[B, T] log-probs (and entropy if asked) of ``batch['input_ids']`` under ``adapter``
+        (None: the base model); see module docstring."""
+        with torch.no_grad(), self._using(adapter):
+            return self._compute_logprobs(batch, temperature, with_entropy)
+
+    def _compute_logprobs(self, batch: dict, temperature: float, with_entropy: bool):
         self.model.eval()
         micro_batches, seq_len = self._micro_batches(batch)
 
@@ -170,8 +206,16 @@ class TrainingEngine:
             return logprobs
         return logprobs, self._gather_rows(micro_batches, [s["entropy"] for s in stored], shape)
 
-    def forward_backward(self, batch: dict, loss_fn, temperature: float = 1.0) -> dict[str, float]:
-        """Accumulates gradients of the summed ``loss_fn`` over the batch; returns summed metrics."""
+    def forward_backward(self, batch: dict, loss_fn, temperature: float = 1.0,
+                         adapter: str = DEFAULT_ADAPTER) -> dict[str, float]:
+        """Accumulates ``adapter``'s gradients of the summed ``loss_fn`` over the batch; returns
+        summed metrics."""
+        with self._using(adapter):
+            totals = self._forward_backward(batch, loss_fn, temperature)
+        self._loss_finite[adapter] &= math.isfinite(totals.get("loss", 0.0))
+        return totals
+
+    def _forward_backward(self, batch: dict, loss_fn, temperature: float) -> dict[str, float]:
         self.model.train()
         micro_batches, seq_len = self._micro_batches(batch)
         totals = {"global_num_tokens": batch["loss_mask"].sum(), "global_num_seqs": batch["input_ids"].shape[0]}
@@ -189,9 +233,7 @@ class TrainingEngine:
             return loss, torch.tensor(n), metrics
 
         stored = self._run(micro_batches, seq_len, loss_func, forward_only=False)
-        totals = self._sum_metrics(stored)
-        self._loss_finite &= math.isfinite(totals.get("loss", 0.0))
-        return totals
+        return self._sum_metrics(stored)
 
     def _sum_metrics(self, stored: list[dict]) -> dict[str, float]:
         """Sums micro-batch metrics over micro-batches and DP ranks, and shares them with every rank."""
@@ -209,44 +251,55 @@ class TrainingEngine:
         return total
 
     def optim_step(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                   grad_clip: float | None = 1.0) -> dict[str, float]:
-        """Reduces gradients, clips by the global norm, steps AdamW; returns ``grad_norm`` etc.
+                   grad_clip: float | None = 1.0, adapter: str = DEFAULT_ADAPTER) -> dict[str, float]:
+        """Reduces ``adapter``'s gradients, clips by the global norm, steps its AdamW; returns
+        ``grad_norm`` etc.
 
         A step whose loss or gradient norm is not finite is skipped on every rank
         (``skipped`` = 1, ``parallel.optim``): adapters and optimizer state are untouched.
         """
-        loss_finite, self._loss_finite = self._loss_finite, True
-        return self.optimizer.step(AdamWSettings(lr, tuple(betas), eps, weight_decay, grad_clip), loss_finite)
+        loss_finite, self._loss_finite[adapter] = self._loss_finite[adapter], True
+        settings = AdamWSettings(lr, tuple(betas), eps, weight_decay, grad_clip)
+        return self.optimizers[adapter].step(settings, loss_finite)
 
-    def adapter_is_finite(self) -> bool:
-        """Whether every trainable parameter on every rank is finite (collective)."""
+    def adapter_is_finite(self, adapter: str = DEFAULT_ADAPTER) -> bool:
+        """Whether every trainable parameter of ``adapter`` on every rank is finite (collective)."""
         bad = torch.zeros((), dtype=torch.float64)
-        for _, p in self.optimizer.named_params:
+        for _, p in self.optimizers[adapter].named_params:
             bad += (~torch.isfinite(p.detach())).sum()
         dist.all_reduce(bad)
         return bool(bad == 0)
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad()
+    def zero_grad(self, adapter: str = DEFAULT_ADAPTER) -> None:
+        self.optimizers[adapter].zero_grad()
 
     # ---- state ----------------------------------------------------------------------------
     @property
+    def optimizer(self) -> ShardedAdamW:
+        """The default adapter's optimizer (or the full model's)."""
+        return self.optimizers[DEFAULT_ADAPTER]
+
+    @property
     def torch_optimizer(self) -> torch.optim.Optimizer:
-        """The AdamW over this rank's trainable shards (state exists only for them)."""
+        """The AdamW over this rank's trainable shards of the default adapter."""
         return self.optimizer.optimizer
 
-    def save_adapter_state(self, out_dir) -> dict[str, dict]:
+    def save_adapter_state(self, out_dir, adapter: str = DEFAULT_ADAPTER) -> dict[str, dict]:
         """Adapter slices + optimizer state, one fsynced file per rank (``parallel.adapter_io``);
         returns this rank's manifest entry. Collective."""
         from parallel.adapter_io import save_adapter_state
 
-        return save_adapter_state(self.model, self.torch_optimizer, out_dir)
+        return save_adapter_state(self.model, self.optimizers[adapter].optimizer, out_dir, adapter)
 
-    def load_adapter_state(self, in_dir) -> None:
-        """Restores ``save_adapter_state`` files, on any layout (``parallel.adapter_io``)."""
+    def load_adapter_state(self, in_dir, adapter: str = DEFAULT_ADAPTER, with_optimizer: bool = True) -> None:
+        """Restores ``save_adapter_state`` files, on any layout (``parallel.adapter_io``). Without
+        the optimizer, the adapter's AdamW starts afresh."""
         from parallel.adapter_io import load_adapter_state
 
-        load_adapter_state(self.model, self.torch_optimizer, in_dir)
+        optimizer = self.optimizers[adapter]
+        if not with_optimizer:
+            optimizer.reset()
+        load_adapter_state(self.model, optimizer.optimizer if with_optimizer else None, in_dir, adapter)
 
     def export_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's weights in HF names on global rank 0 (``{}`` elsewhere); collective."""

@@ -121,11 +121,11 @@ def hf_lora_training(model_dir: str | Path, batch: dict, initial_adapter: dict[s
         loss.backward()
         grads = [p.grad for p in factors.values()]
         norm = float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)))
-        if step == 0:
-            out["first_grads"] = {n: p.grad.detach().clone() for n, p in factors.items()}
         if grad_clip > 0 and norm > grad_clip:
             for g in grads:
                 g.mul_(grad_clip / (norm + 1e-6))
+        if step == 0:  # the gradient the first update applies (clipped, as the engine reports it)
+            out["first_grads"] = {n: p.grad.detach().clone() for n, p in factors.items()}
         optimizer.step()
         optimizer.zero_grad()
         out["grad_norms"].append(norm)

@@ -27,6 +27,13 @@ Targets (module names in megatron's GPT layers, with their Hugging Face equivale
     linear_fc2          mlp.linear_fc2, shared expert  -> mlp.down_proj / shared_expert.down_proj
     experts.linear_fc1  routed experts' fc1            -> mlp.experts.E.{gate,up}_proj
     experts.linear_fc2  routed experts' fc2            -> mlp.experts.E.down_proj
+    output_layer        the vocabulary projection      -> lm_head
+
+Many adapters on one base: every adapter has a name (``DEFAULT_ADAPTER`` for a model with one)
+and its own factors, config and canonical names; an adapted linear holds them in a
+``ModuleDict`` and its forward hook adds the delta of the model's *active* adapter only
+(``use_adapter``; ``adapter_enabled(model, False)`` selects none: the frozen base). Switching
+is an attribute write: the base weights are never touched or reloaded.
 
 Communication and gradient rules (derived in ``LoraAdapter``'s docstring) keep the sharded
 computation equal to single-process LoRA in output and gradients; replicated factors get
@@ -51,10 +58,22 @@ from rlcore.validation import ConfigError, check_choice, check_range
 
 MLA_TARGETS = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
                "linear_kv_up_proj")
-DENSE_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2") + MLA_TARGETS
+ATTENTION_TARGETS = ("linear_qkv", "linear_proj") + MLA_TARGETS
+MLP_TARGETS = ("linear_fc1", "linear_fc2")  # dense MLPs and shared experts
 EXPERT_TARGETS = ("experts.linear_fc1", "experts.linear_fc2")
+UNEMBED_TARGETS = ("output_layer",)  # the vocabulary projection (HF lm_head)
+DENSE_TARGETS = ATTENTION_TARGETS + MLP_TARGETS + UNEMBED_TARGETS
 ALL_TARGETS = DENSE_TARGETS + EXPERT_TARGETS
+# Every projection of the transformer layers, dense and expert; the unembedding only on request.
+DEFAULT_TARGETS = ATTENTION_TARGETS + MLP_TARGETS + EXPERT_TARGETS
 INIT_A = ("kaiming_uniform", "normal")
+DEFAULT_ADAPTER = "default"
+
+
+def lora_targets(*, attn: bool = True, mlp: bool = True, unembed: bool = False) -> tuple[str, ...]:
+    """Target modules by family (Tinker's train_attn / train_mlp / train_unembed)."""
+    return ((ATTENTION_TARGETS if attn else ()) + (MLP_TARGETS + EXPERT_TARGETS if mlp else ())
+            + (UNEMBED_TARGETS if unembed else ()))
 
 
 @dataclass
@@ -64,7 +83,8 @@ class LoraConfig:
     rank, alpha: the update is ``(alpha / rank) * B @ A``.
     dropout: dropout probability on the adapter's input path only (the base path never sees
         it); 0 by default and in every parity test.
-    target_modules: names from ``ALL_TARGETS`` (module docstring lists the HF equivalents).
+    target_modules: names from ``ALL_TARGETS`` (module docstring lists the HF equivalents);
+        the default is every attention, MLP and expert projection (``DEFAULT_TARGETS``).
     share_expert_outer: routed experts of one layer share their OUTER factors: one A of fc1
         ([r, hidden], reads the layer's input) and one B of fc2 ([hidden, r], writes the
         layer's output) for all experts, while each expert keeps its own INNER factors (B of
@@ -83,7 +103,7 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ALL_TARGETS
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
     share_expert_outer: bool = False
     init_a: str = "kaiming_uniform"
     init_b_std: float = 0.0
@@ -206,7 +226,6 @@ class LoraAdapter(nn.Module):
         self.config = cfg
         self.scaling = cfg.scaling
         self.dropout = cfg.dropout
-        self.enabled = True
         self.A = A
         self.B = B
         # A zero-argument callable returning the shared outer factor (ready for use); kept in a
@@ -215,9 +234,10 @@ class LoraAdapter(nn.Module):
         if (A is None) + (B is None) + (outer is None) != 1:
             raise ValueError("an adapter needs both factors, one of which may come from `outer`")
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) ready for use. An own replicated factor whose gradient is partial per rank
-        (A in COLUMN_SP / EXPERT_COLUMN, B in ROW_SP / EXPERT_ROW) passes through a gradient
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) ready for use in ``dtype`` (the input's: bf16 compute over fp32 master
+        factors). An own replicated factor whose gradient is partial per rank (A in
+        COLUMN_SP / EXPERT_COLUMN, B in ROW_SP / EXPERT_ROW) passes through a gradient
         all-reduce over the group; a shared outer factor arrives already reduced over the
         larger expert-TP x EP group (``parallel.lora_experts``)."""
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region as grad_all_reduce
@@ -234,7 +254,7 @@ class LoraAdapter(nn.Module):
             B = grad_all_reduce(self.B, group=self.group)
         else:
             B = self.B
-        return A, B
+        return A.to(dtype), B.to(dtype)
 
     def extra_repr(self) -> str:
         own = ", ".join(f"{n}={tuple(p.shape)}" for n, p in (("A", self.A), ("B", self.B)) if p is not None)
@@ -263,7 +283,7 @@ class LoraAdapter(nn.Module):
             reduce_scatter_to_sequence_parallel_region,
         )
 
-        A, B = self.factors()
+        A, B = self.factors(x.dtype)
         h = F.linear(self._dropout(x), A)
         g, plan = self.group, self.plan
         if plan is Plan.COLUMN:
@@ -277,17 +297,36 @@ class LoraAdapter(nn.Module):
         return F.linear(h, B) * self.scaling
 
 
+class AdapterSelector:
+    """Which adapter a model's hooks apply (one object shared by all of them); None: none."""
+
+    def __init__(self) -> None:
+        self.active: str | None = DEFAULT_ADAPTER
+
+
+def selector_of(model: nn.Module) -> AdapterSelector:
+    """The model's adapter selector, made on first use."""
+    if getattr(model, "lora_selector", None) is None:
+        model.lora_selector = AdapterSelector()
+    return model.lora_selector
+
+
 def _add_lora_delta(linear: nn.Module, args: tuple, output: tuple) -> tuple:
-    """Forward hook of an adapted linear: ``(out, bias) -> (out + lora(x), bias)``."""
-    if not linear.lora.enabled:
+    """Forward hook of an adapted linear: ``(out, bias) -> (out + lora(x), bias)``, with the
+    active adapter's delta (none when the active adapter does not adapt this linear)."""
+    active = linear.lora_selector.active
+    if active is None or active not in linear.lora:
         return output
     out, bias = output
-    return out + linear.lora(args[0]), bias
+    return out + linear.lora[active](args[0]), bias
 
 
-def attach_adapter(linear: nn.Module, adapter: LoraAdapter) -> None:
-    linear.lora = adapter
-    linear.register_forward_hook(_add_lora_delta)
+def attach_adapter(linear: nn.Module, adapter: LoraAdapter, name: str, selector: AdapterSelector) -> None:
+    if not isinstance(getattr(linear, "lora", None), nn.ModuleDict):
+        linear.lora = nn.ModuleDict()
+        linear.lora_selector = selector
+        linear.register_forward_hook(_add_lora_delta)
+    linear.lora[name] = adapter
 
 
 def factor_shards(linear: nn.Module, plan: Plan, stride: int) -> tuple[Shard, Shard]:
@@ -300,7 +339,7 @@ def factor_shards(linear: nn.Module, plan: Plan, stride: int) -> tuple[Shard, Sh
 
 
 def make_adapter(linear: nn.Module, name: str, cfg: LoraConfig, *, glu: bool, is_expert: bool,
-                 own_A: bool = True, own_B: bool = True, outer=None) -> LoraAdapter:
+                 own_A: bool = True, own_B: bool = True, outer=None, adapter: str = DEFAULT_ADAPTER) -> LoraAdapter:
     """An adapter for ``linear`` (canonical name ``name``); factors ``{name}.lora.A`` / ``.lora.B``.
 
     ``glu``: the linear is a SwiGLU fc1 (rows [gate; up], stride 2). ``own_A``/``own_B``
@@ -309,12 +348,13 @@ def make_adapter(linear: nn.Module, name: str, cfg: LoraConfig, *, glu: bool, is
     plan = plan_of(linear)
     a_shard, b_shard = factor_shards(linear, plan, stride=2 if glu else 1)
     in_full, out_full = linear.input_size, linear.output_size
-    dtype = linear.weight.dtype
     A = B = None
     if own_A:
-        A = new_factor(cfg, f"{name}.lora.A", "A", (cfg.rank, in_full), a_shard, dtype, is_expert=is_expert)
+        A = new_factor(cfg, f"{name}.lora.A", "A", (cfg.rank, in_full), a_shard, is_expert=is_expert,
+                       adapter=adapter)
     if own_B:
-        B = new_factor(cfg, f"{name}.lora.B", "B", (out_full, cfg.rank), b_shard, dtype, is_expert=is_expert)
+        B = new_factor(cfg, f"{name}.lora.B", "B", (out_full, cfg.rank), b_shard, is_expert=is_expert,
+                       adapter=adapter)
     # A linear replicated over TP that sees sequence shards (compat.replicated_linear, MLA's
     # down projections under SP): its factors' gradients, like its weight's, sum over TP.
     for factor in (A, B):
@@ -376,7 +416,7 @@ def target_of(canonical_name: str, module: nn.Module) -> str | None:
 
 
 def _freeze_base(model: nn.Module) -> None:
-    """Freezes every parameter and the routers' expert bias.
+    """Freezes every base parameter and the routers' expert bias.
 
     Megatron updates ``TopKRouter.expert_bias`` (aux-loss-free balancing) outside autograd,
     in ``finalize_model_grads``, by ``moe_router_bias_update_rate``; setting that rate to 0
@@ -385,76 +425,112 @@ def _freeze_base(model: nn.Module) -> None:
     from megatron.core.transformer.moe.router import TopKRouter
 
     for param in model.parameters():
-        param.requires_grad_(False)
+        if not hasattr(param, "lora_name"):  # other adapters keep training
+            param.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, TopKRouter) and module.enable_expert_bias:
             module.config.moe_router_bias_update_rate = 0.0
 
 
-def inject_lora(model: nn.Module, cfg: LoraConfig) -> None:
-    """Adds LoRA adapters to the target linears of ``model`` in place; freezes all else.
+def inject_lora(model: nn.Module, cfg: LoraConfig, name: str = DEFAULT_ADAPTER) -> None:
+    """Adds adapter ``name`` to the target linears of ``model`` in place; freezes all else.
 
-    Each target linear keeps its identity and parameter names and gains a child ``lora``
-    (``LoraAdapter``) plus a forward hook adding its delta. Call it on every model chunk of
-    a rank (after or before loading the base checkpoint: base names do not change). Every
-    non-adapter parameter gets ``requires_grad=False``.
+    Each target linear keeps its identity and parameter names and gains an entry in its
+    ``lora`` ``ModuleDict`` (made on first use, with a forward hook adding the active
+    adapter's delta). Call it on every model chunk of a rank (after or before loading the
+    base checkpoint: base names do not change). Every non-adapter parameter gets
+    ``requires_grad=False``.
     """
     from parallel.lora_experts import inject_expert_adapters
 
-    if any(getattr(m, "lora", None) is not None for m in model.modules()):
-        raise RuntimeError("inject_lora: the model already has LoRA adapters")
+    if name in adapter_names(model):
+        raise RuntimeError(f"inject_lora: the model already has an adapter named {name!r}")
     _freeze_base(model)
+    selector = selector_of(model)
     names = canonical_names(model)
-    for module, name in names.items():
-        target = target_of(name, module)
+    for module, module_name in names.items():
+        target = target_of(module_name, module)
         if target in cfg.target_modules and target in DENSE_TARGETS:
             glu = target == "linear_fc1" and module.config.gated_linear_unit
-            attach_adapter(module, make_adapter(module, name, cfg, glu=glu, is_expert=False))
-    inject_expert_adapters(model, cfg, names)
+            attach_adapter(module, make_adapter(module, module_name, cfg, glu=glu, is_expert=False, adapter=name),
+                           name, selector)
+    inject_expert_adapters(model, cfg, names, name, selector)
 
 
-class adapter_enabled:
-    """Turns the adapters of ``model`` on or off; as a context manager, restores them on exit.
+def remove_lora(model: nn.Module, name: str) -> None:
+    """Deletes adapter ``name`` from every module that holds it (its factors go with it)."""
+    for module in model.modules():
+        for attribute in ("lora", "lora_outer"):
+            holder = getattr(module, attribute, None)
+            if isinstance(holder, nn.ModuleDict) and name in holder:
+                del holder[name]
+    if selector_of(model).active == name:
+        selector_of(model).active = None
 
-        adapter_enabled(model, False)            # setter
-        with adapter_enabled(model, False):      # reference (base-model) log-probs for KL
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters on this rank's model, in order of creation."""
+    found: dict[str, None] = {}
+    for param in model.parameters():
+        if getattr(param, "lora_adapter", None) is not None:
+            found[param.lora_adapter] = None
+    return list(found)
+
+
+class use_adapter:
+    """Selects the adapter the model applies (None: none, the frozen base); as a context
+    manager, restores the previous choice on exit.
+
+        use_adapter(model, "run-7")               # setter
+        with use_adapter(model, None):            # reference (base-model) log-probs for KL
             ref = engine.compute_logprobs(batch)
 
     Like ``torch.set_grad_enabled``, it acts at call time; every rank must make the same call
-    (a disabled adapter skips its communication).
+    (an inactive adapter skips its communication).
     """
 
-    def __init__(self, model: nn.Module, enabled: bool):
-        self._adapters = [m for m in model.modules() if isinstance(m, LoraAdapter)]
-        self._previous = [a.enabled for a in self._adapters]
-        for adapter in self._adapters:
-            adapter.enabled = bool(enabled)
+    def __init__(self, model: nn.Module, name: str | None):
+        self._selector = selector_of(model)
+        self._previous = self._selector.active
+        self._selector.active = name
 
-    def __enter__(self) -> adapter_enabled:
+    def __enter__(self) -> use_adapter:
         return self
 
     def __exit__(self, *exc) -> None:
-        for adapter, previous in zip(self._adapters, self._previous):
-            adapter.enabled = previous
+        self._selector.active = self._previous
 
 
-def adapter_parameters(model: nn.Module) -> OrderedDict[str, nn.Parameter]:
-    """This rank's adapter slices, canonical name -> parameter, in model order (each once).
+def adapter_enabled(model: nn.Module, enabled: bool) -> use_adapter:
+    """``use_adapter`` with the current adapter (True) or none (False)."""
+    return use_adapter(model, selector_of(model).active if enabled else None)
 
-    A canonical name is the parameter's name in the one-process model, whatever the layout:
-    ``decoder.layers.5.self_attention.linear_qkv.lora.A``,
+
+def adapter_parameters(model: nn.Module, name: str = DEFAULT_ADAPTER) -> OrderedDict[str, nn.Parameter]:
+    """This rank's slices of adapter ``name``, canonical name -> parameter, in model order.
+
+    A canonical name is the parameter's name in the one-process model, whatever the layout
+    and whichever adapter: ``decoder.layers.5.self_attention.linear_qkv.lora.A``,
     ``decoder.layers.5.mlp.experts.local_experts.13.linear_fc1.lora.B`` (global expert 13),
     shared outer factors ``decoder.layers.5.mlp.experts.lora_outer.fc1_A``. Each parameter's
     ``lora_shard`` says which slice of the full factor this rank holds.
     """
     params: OrderedDict[str, nn.Parameter] = OrderedDict()
     for param in model.parameters():
-        name = getattr(param, "lora_name", None)
-        if name is not None and name not in params:
-            params[name] = param
+        canonical = getattr(param, "lora_name", None)
+        if canonical is not None and param.lora_adapter == name and canonical not in params:
+            params[canonical] = param
     return params
 
 
-def lora_config_of(model: nn.Module) -> LoraConfig | None:
-    """The ``LoraConfig`` the model's adapters were injected with (None if it has none)."""
-    return next((m.config for m in model.modules() if isinstance(m, LoraAdapter)), None)
+def lora_config_of(model: nn.Module, name: str = DEFAULT_ADAPTER) -> LoraConfig | None:
+    """The ``LoraConfig`` adapter ``name`` was injected with (None if the model has no such adapter)."""
+    for module in model.modules():
+        holder = getattr(module, "lora", None)
+        if isinstance(holder, nn.ModuleDict) and name in holder:
+            return holder[name].config
+    for module in model.modules():  # an adapter of experts only, with shared outer factors
+        holder = getattr(module, "lora_outer", None)
+        if isinstance(holder, nn.ModuleDict) and name in holder:
+            return holder[name].config
+    return None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallel.lora import LoraConfig, attach_adapter, make_adapter
+from parallel.lora import AdapterSelector, LoraConfig, attach_adapter, make_adapter
 from parallel.lora_factors import Shard, new_factor
 
 # expert linear -> (attribute of ExpertOuterFactors, the factor it replaces)
@@ -34,20 +34,21 @@ class ExpertOuterFactors(nn.Module):
     ``ready(role)`` returns the factor as wired for the current MoE forward (see module doc).
     """
 
-    def __init__(self, cfg: LoraConfig, name: str, hidden: int, dtype, *, fc1: bool, fc2: bool):
+    def __init__(self, cfg: LoraConfig, name: str, hidden: int, *, fc1: bool, fc2: bool, adapter: str):
         super().__init__()
         rank = cfg.rank
-        self.fc1_A = new_factor(cfg, f"{name}.lora_outer.fc1_A", "A", (rank, hidden), Shard(), dtype,
-                                is_expert=True) if fc1 else None
-        self.fc2_B = new_factor(cfg, f"{name}.lora_outer.fc2_B", "B", (hidden, rank), Shard(), dtype,
-                                is_expert=True) if fc2 else None
+        self.config = cfg
+        self.fc1_A = new_factor(cfg, f"{name}.lora_outer.fc1_A", "A", (rank, hidden), Shard(),
+                                is_expert=True, adapter=adapter) if fc1 else None
+        self.fc2_B = new_factor(cfg, f"{name}.lora_outer.fc2_B", "B", (hidden, rank), Shard(),
+                                is_expert=True, adapter=adapter) if fc2 else None
         for factor in (self.fc1_A, self.fc2_B):
             if factor is not None:
                 factor.lora_replicated_over_ep = True  # one copy per EP rank: count it once in norms
         self._ready: dict[str, torch.Tensor] = {}
 
-    def open(self, *_unused) -> None:
-        """Forward pre-hook of the experts module: wires the factors for this forward."""
+    def open(self) -> None:
+        """Before the experts' forward (its active adapter's): wires the factors for this forward."""
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
@@ -55,8 +56,8 @@ class ExpertOuterFactors(nn.Module):
         self._ready = {role: copy_to_tensor_model_parallel_region(p, group=group)
                        for role, p in (("fc1_A", self.fc1_A), ("fc2_B", self.fc2_B)) if p is not None}
 
-    def close(self, *_unused) -> None:
-        """Forward hook of the experts module: drops the references of this forward."""
+    def close(self) -> None:
+        """After the experts' forward: drops the references of this forward."""
         self._ready = {}
 
     def ready(self, role: str) -> torch.Tensor:
@@ -65,8 +66,28 @@ class ExpertOuterFactors(nn.Module):
         return self._ready[role]
 
 
-def inject_expert_adapters(model: nn.Module, cfg: LoraConfig, names: dict[nn.Module, str]) -> None:
-    """Adds adapters to the routed experts of every ``SequentialMLP`` in ``model``."""
+def _install_outer(experts: nn.Module, selector: AdapterSelector) -> nn.ModuleDict:
+    """The experts module's adapters' outer factors (by adapter name), and the hooks that wire
+    the active adapter's factors around each MoE forward."""
+    if not isinstance(getattr(experts, "lora_outer", None), nn.ModuleDict):
+        experts.lora_outer = nn.ModuleDict()
+
+        def open_active(*_unused) -> None:
+            if selector.active in experts.lora_outer:
+                experts.lora_outer[selector.active].open()
+
+        def close_all(*_unused) -> None:
+            for outer in experts.lora_outer.values():
+                outer.close()
+
+        experts.register_forward_pre_hook(open_active)
+        experts.register_forward_hook(close_all)
+    return experts.lora_outer
+
+
+def inject_expert_adapters(model: nn.Module, cfg: LoraConfig, names: dict[nn.Module, str], adapter_name: str,
+                           selector: AdapterSelector) -> None:
+    """Adds adapter ``adapter_name`` to the routed experts of every ``SequentialMLP`` in ``model``."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     fc1 = "experts.linear_fc1" in cfg.target_modules
@@ -77,25 +98,23 @@ def inject_expert_adapters(model: nn.Module, cfg: LoraConfig, names: dict[nn.Mod
     for experts in [m for m in model.modules() if isinstance(m, SequentialMLP)]:
         outer = None
         if cfg.share_expert_outer:
-            first = experts.local_experts[0].linear_fc1
-            outer = ExpertOuterFactors(cfg, names[experts], first.input_size, first.weight.dtype, fc1=fc1, fc2=fc2)
-            experts.lora_outer = outer
-            experts.register_forward_pre_hook(outer.open)
-            experts.register_forward_hook(outer.close)
+            hidden = experts.local_experts[0].linear_fc1.input_size
+            outer = ExpertOuterFactors(cfg, names[experts], hidden, fc1=fc1, fc2=fc2, adapter=adapter_name)
+            _install_outer(experts, selector)[adapter_name] = outer
         for expert in experts.local_experts:
             name = names[expert]
             if fc1:
                 adapter = make_adapter(
                     expert.linear_fc1, f"{name}.linear_fc1", cfg, glu=expert.config.gated_linear_unit,
-                    is_expert=True, own_A=outer is None,
+                    is_expert=True, own_A=outer is None, adapter=adapter_name,
                     outer=None if outer is None else (lambda o=outer: o.ready("fc1_A")))
-                attach_adapter(expert.linear_fc1, adapter)
+                attach_adapter(expert.linear_fc1, adapter, adapter_name, selector)
             if fc2:
                 adapter = make_adapter(
                     expert.linear_fc2, f"{name}.linear_fc2", cfg, glu=False,
-                    is_expert=True, own_B=outer is None,
+                    is_expert=True, own_B=outer is None, adapter=adapter_name,
                     outer=None if outer is None else (lambda o=outer: o.ready("fc2_B")))
-                attach_adapter(expert.linear_fc2, adapter)
+                attach_adapter(expert.linear_fc2, adapter, adapter_name, selector)
 
 
 def _check_sequential_experts(model: nn.Module) -> None:

@@ -85,18 +85,22 @@ def init_full_factor(cfg: LoraConfig, name: str, role: str, shape: tuple[int, ..
     return full.to(dtype)
 
 
-def new_factor(cfg: LoraConfig, name: str, role: str, full_shape, shard: Shard, dtype, *,
-               is_expert: bool) -> nn.Parameter:
-    """This rank's slice of a freshly initialised factor, marked for the engine (``mark_param``)."""
-    param = nn.Parameter(shard.take(init_full_factor(cfg, name, role, tuple(full_shape), dtype)).contiguous())
-    mark_param(param, name, shard, is_expert=is_expert)
+def new_factor(cfg: LoraConfig, name: str, role: str, full_shape, shard: Shard, *,
+               is_expert: bool, adapter: str) -> nn.Parameter:
+    """This rank's slice of a freshly initialised factor of ``adapter``, marked for the engine
+    (``mark_param``). Factors are fp32 master weights whatever the base's dtype (a bf16 base
+    computes its LoRA delta in bf16, ``LoraAdapter.factors``; AdamW keeps fp32 state)."""
+    full = init_full_factor(cfg, name, role, tuple(full_shape), torch.float32)
+    param = nn.Parameter(shard.take(full).contiguous())
+    mark_param(param, name, shard, is_expert=is_expert, adapter=adapter)
     return param
 
 
-def mark_param(param: nn.Parameter, name: str, shard: Shard, *, is_expert: bool) -> None:
+def mark_param(param: nn.Parameter, name: str, shard: Shard, *, is_expert: bool, adapter: str) -> None:
     """Tags an adapter parameter with what the engine's gradient reduction and norms need.
 
-    - ``lora_name``: its canonical, layout-independent name; ``lora_shard``: its ``Shard``.
+    - ``lora_name``: its canonical, layout-independent name; ``lora_shard``: its ``Shard``;
+      ``lora_adapter``: the name of the adapter it belongs to (``parallel.lora``).
     - ``allreduce``: megatron DDP's flag: True = dense (reduce over the data-parallel group),
       False = expert (reduce over the expert-data-parallel group). Set False for every expert
       adapter, even with EP=1: with ETP < TP the expert-DP group contains TP peers that saw
@@ -106,6 +110,7 @@ def mark_param(param: nn.Parameter, name: str, shard: Shard, *, is_expert: bool)
       attributes, so norms count a replicated factor once and a sharded one on every rank.
     """
     param.lora_name = name
+    param.lora_adapter = adapter
     param.lora_shard = shard
     param.allreduce = not is_expert
     param.tensor_model_parallel = shard.is_split

@@ -126,6 +126,10 @@ class ShardedAdamW:
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]]):
         self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
+        self.reset()
+
+    def reset(self) -> None:
+        """A fresh AdamW: no moments, step 0 (a load of weights without optimizer state)."""
         self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=0.0, foreach=False)
 
     def zero_grad(self) -> None:

@@ -163,7 +163,7 @@ class GRPOStep:
             old_logprobs, entropy = self.training.compute_logprobs(batch, self.temperature, with_entropy=True)
             ref_logprobs = None
             if self.s.algorithm.tracks_reference_kl or uses_gvpo_reference(self.s.algorithm):
-                ref_logprobs = self.training.compute_logprobs(batch, self.temperature, adapter=False)
+                ref_logprobs = self.training.compute_logprobs(batch, self.temperature, adapter=None)
         with timer("reward"):
             reward_list, reward_metrics = rewards_future.result()
         metrics = {f"reward/{k}": v for k, v in reward_metrics.items()}

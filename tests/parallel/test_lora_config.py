@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.lora import ALL_TARGETS, LoraConfig
+from parallel.lora import ALL_TARGETS, DEFAULT_TARGETS, LoraConfig, lora_targets
 from rlcore.validation import ConfigError
 
 
 def test_defaults_target_every_projection():
     cfg = LoraConfig()
-    assert cfg.target_modules == ALL_TARGETS
+    assert cfg.target_modules == DEFAULT_TARGETS
+    assert set(ALL_TARGETS) - set(DEFAULT_TARGETS) == {"output_layer"}  # the unembedding on request
+    assert set(lora_targets(attn=True, mlp=True, unembed=True)) == set(ALL_TARGETS)
+    assert set(lora_targets(attn=False, mlp=True)) == {"linear_fc1", "linear_fc2", "experts.linear_fc1",
+                                                        "experts.linear_fc2"}
     assert cfg.scaling == cfg.alpha / cfg.rank
     assert cfg.init_b_std == 0.0  # B = 0: the adapted model starts as the base model
 

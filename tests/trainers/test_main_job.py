@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 def overrides(run_dir: Path, cache: Path, steps: int = STEPS) -> list[str]:
     return [f"trainer.run_dir={run_dir}", f"model.cache_dir={cache}", f"trainer.steps={steps}",
-            "model.sft_steps=30", "task.difficulty=2", "task.heldout_size=8",
+            "model.sft_steps=150", "task.difficulty=1", "task.heldout_size=8",
             "trainer.prompts_per_step=4", "trainer.samples_per_prompt=4", "trainer.mini_batch_prompts=2",
             "trainer.eval_every=2", "trainer.checkpoint_every=1", "parallel.ep=2", "trainer.train_world_size=2"]
 
