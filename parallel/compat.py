@@ -2,8 +2,9 @@
 
 megatron-core is written for CUDA devices. Its math is device-agnostic, but it reaches the
 device through ``torch.cuda.*`` calls, ``device="cuda"`` arguments and a few Transformer
-Engine names. ``apply_cpu_compat()`` redirects those to the CPU and does nothing when CUDA
-is available, so GPU runs execute megatron unmodified. Nothing here changes a formula: every
+Engine names. ``apply_cpu_compat()`` redirects those to the CPU; ``parallel.device`` applies
+it only when the training fleet runs on the CPU, so GPU runs execute megatron unmodified.
+Nothing here changes a formula: every
 patch only changes *where* a tensor, stream or random state lives. The list (numbers refer
 to /work/shared/FINDINGS.md, "Megatron-core 0.16.1 on CPU"):
 
@@ -24,7 +25,7 @@ to /work/shared/FINDINGS.md, "Megatron-core 0.16.1 on CPU"):
 3. ``moe_utils.te_general_gemm`` is only defined when Transformer Engine imports; the router
    tests it for ``None``, so it is set to ``None`` (the router then uses ``torch.mm``).
 4. The ``alltoall`` token dispatcher needs CUDA streams: builders choose ``allgather`` when
-   ``cuda_available()`` is false (see ``parallel.arch``); nothing to patch.
+   the training fleet runs on the CPU (``parallel.arch.builder``); nothing to patch.
 5. ``SequenceParallelRMSNorm``: the local layer spec's torch norm refuses sequence
    parallelism, which MoE with TP>1 requires. This norm is ``torch.nn.RMSNorm`` whose
    parameters carry ``sequence_parallel=True`` so their gradients are summed over TP, the
@@ -56,8 +57,8 @@ inductor C++ build in every process. The decorators run when megatron is importe
 switch that reaches them is dynamo's own: ``torch._dynamo.config.disable`` (the functions
 run eagerly; same math).
 
-``parallel.topology.init_parallel`` and ``parallel.arch.build_model`` apply it; a process
-that only validates configs (a trainer's driver, a test) is left untouched.
+``parallel.device.Backend.bind`` applies it (``parallel.topology.init_parallel`` calls it);
+a process that only validates configs (a trainer's driver, a test) is left untouched.
 """
 
 from __future__ import annotations
@@ -72,11 +73,6 @@ from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
 _MODE: TorchFunctionMode | None = None
-
-
-def cuda_available() -> bool:
-    """True on GPU machines; the compatibility layer and the CPU layer choices key on it."""
-    return torch.cuda.is_available()
 
 
 def _to_cpu_device(device):
@@ -300,13 +296,8 @@ def _patch_megatron() -> None:
 
 
 def apply_cpu_compat() -> bool:
-    """Applies the CPU patches once per process; returns True when they are in effect.
-
-    A no-op returning False when CUDA is available. Idempotent.
-    """
+    """Applies the CPU patches once per process (``parallel.device`` decides when); idempotent."""
     global _APPLIED, _MODE
-    if cuda_available():
-        return False
     if _APPLIED:
         return True
     _patch_torch_cuda()

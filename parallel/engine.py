@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.arch import build_model, get_arch
+from parallel.device import Backend
 from parallel.checkpoint import export_hf_state_dict, load_hf_checkpoint
 from parallel.logprobs import token_entropy, token_logprobs
 from parallel.lora import (DEFAULT_ADAPTER, adapter_names, adapter_parameters, inject_lora, remove_lora,
@@ -74,9 +75,10 @@ class TrainingEngine:
     """A megatron-core model shard with log-probs, forward/backward and an AdamW step."""
 
     def __init__(self, hf_model_dir: str, parallel: ParallelConfig, lora=None, seed: int = 0,
-                 micro_batch_size: int = 1, train_base: bool = False):
+                 micro_batch_size: int = 1, train_base: bool = False, backend: Backend = Backend()):
         """``lora``: the default adapter (``DEFAULT_ADAPTER``); more come with ``add_adapter``.
-        ``train_base``: train every weight of the model instead (full fine-tuning, no LoRA)."""
+        ``train_base``: train every weight of the model instead (full fine-tuning, no LoRA).
+        ``backend``: device, collectives and the base's dtype (``parallel.device``)."""
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
 
@@ -87,10 +89,11 @@ class TrainingEngine:
         self.hf_config = AutoConfig.from_pretrained(hf_model_dir)
         self.arch = get_arch(self.hf_config)
         validate_layout(parallel, dist.get_world_size(), self.arch.model_dims(self.hf_config))
-        init_parallel(parallel, seed)
+        self.device = init_parallel(parallel, seed, backend)
+        self.backend = backend
         self.parallel = parallel
         self.micro_batch_size = micro_batch_size
-        self.model = build_model(self.arch, self.hf_config, parallel)
+        self.model = build_model(self.arch, self.hf_config, parallel, backend)
         # Sum semantics: megatron's schedule must not divide a loss by token or micro-batch counts.
         self.model.config.calculate_per_token_loss = True
         load_hf_checkpoint(self.model, hf_model_dir, self.arch, self.hf_config)
@@ -153,7 +156,7 @@ class TrainingEngine:
                 if value.dim() >= 2 and value.shape[1] == width:
                     taken = _fit_length(taken, seq_len)
                     seq_keys.add(key)
-                data[key] = taken
+                data[key] = taken.to(self.device)
             out.append(_MicroBatch(rows, data, int((rows >= 0).sum()), frozenset(seq_keys)))
         return out, seq_len
 
@@ -163,7 +166,7 @@ class TrainingEngine:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             ids = mb.data["input_ids"]
-            positions = torch.arange(seq_len).expand_as(ids)
+            positions = torch.arange(seq_len, device=ids.device).expand_as(ids)
             return model(ids, positions, None), partial(loss_func, mb)
 
         return get_forward_backward_func()(
@@ -172,14 +175,14 @@ class TrainingEngine:
             micro_batch_size=self.micro_batch_size, forward_only=forward_only)
 
     def _gather_rows(self, micro_batches, per_mb: list[torch.Tensor], shape) -> torch.Tensor:
-        """Sums every owner's rows into a full [B, T] tensor on all ranks."""
-        full = torch.zeros(shape, dtype=torch.float32)
+        """Sums every owner's rows into a full [B, T] fp32 tensor on all ranks (on the CPU)."""
+        full = torch.zeros(shape, dtype=torch.float32, device=self.device)
         if self._is_owner:
             for mb, values in zip(micro_batches, per_mb):
                 width = min(shape[1], values.shape[1])
-                full[mb.rows[: mb.num_real], :width] = values[: mb.num_real, :width].float()
+                full[mb.rows[: mb.num_real].to(self.device), :width] = values[: mb.num_real, :width].float()
         dist.all_reduce(full)
-        return full
+        return full.cpu()
 
     # ---- public API -----------------------------------------------------------------------
     def compute_logprobs(self, batch: dict, temperature: float = 1.0, with_entropy: bool = False,
@@ -197,7 +200,7 @@ class TrainingEngine:
             out = {"logprobs": token_logprobs(logits, mb.data["input_ids"], temperature)}
             if with_entropy:
                 out["entropy"] = token_entropy(logits, temperature)
-            return logits.new_zeros(()), torch.tensor(0), out
+            return logits.new_zeros(()), logits.new_zeros((), dtype=torch.int), out
 
         stored = self._run(micro_batches, seq_len, loss_func, forward_only=True)
         shape = tuple(batch["input_ids"].shape)
@@ -218,19 +221,20 @@ class TrainingEngine:
     def _forward_backward(self, batch: dict, loss_fn, temperature: float) -> dict[str, float]:
         self.model.train()
         micro_batches, seq_len = self._micro_batches(batch)
-        totals = {"global_num_tokens": batch["loss_mask"].sum(), "global_num_seqs": batch["input_ids"].shape[0]}
+        totals = {"global_num_tokens": batch["loss_mask"].sum().to(self.device),
+                  "global_num_seqs": batch["input_ids"].shape[0]}
         full_len = batch["input_ids"].shape[1]
 
         def loss_func(mb, logits):
             n = mb.num_real
             if n == 0:  # a padding micro-batch: backward still runs (its collectives must match)
-                return logits.sum() * 0.0, torch.tensor(0), {}
+                return logits.sum() * 0.0, logits.new_zeros((), dtype=torch.int), {}
             logprobs = _fit_length(token_logprobs(logits, mb.data["input_ids"], temperature)[:n], full_len)
             rows = {k: _fit_length(v[:n], full_len) if k in mb.seq_keys else v[:n] for k, v in mb.data.items()}
             loss, metrics = loss_fn(logprobs, {**rows, **totals})
             metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
                        for k, v in {"loss": loss, **metrics}.items()}
-            return loss, torch.tensor(n), metrics
+            return loss, torch.tensor(n, device=logits.device), metrics
 
         stored = self._run(micro_batches, seq_len, loss_func, forward_only=False)
         return self._sum_metrics(stored)
@@ -264,7 +268,7 @@ class TrainingEngine:
 
     def adapter_is_finite(self, adapter: str = DEFAULT_ADAPTER) -> bool:
         """Whether every trainable parameter of ``adapter`` on every rank is finite (collective)."""
-        bad = torch.zeros((), dtype=torch.float64)
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
         for _, p in self.optimizers[adapter].named_params:
             bad += (~torch.isfinite(p.detach())).sum()
         dist.all_reduce(bad)

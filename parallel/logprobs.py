@@ -27,7 +27,7 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     """[B, T] log-probs of ``input_ids`` under ``logits`` [B, T, V/TP] / temperature, aligned (see module)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    scaled = logits / temperature
+    scaled = logits.float() / temperature  # fp32 log-probs, whatever the model's dtype
     targets = torch.roll(input_ids, shifts=-1, dims=1)  # position t predicts token t+1
     # megatron's kernel shifts its input in place; ``scaled`` is a fresh tensor
     return _shift(-vocab_parallel_cross_entropy(scaled, targets))

@@ -102,7 +102,8 @@ def global_grad_norm(named_params: list[tuple[str, torch.nn.Parameter]],
                      local_nonfinite: bool = False) -> tuple[float, bool]:
     """L2 norm of the full model's gradient, each element counted once across all ranks, and
     whether any rank reported ``local_nonfinite`` (one all-reduce carries both)."""
-    square = torch.zeros(2, dtype=torch.float64)
+    device = named_params[0][1].device if named_params else torch.device("cpu")
+    square = torch.zeros(2, dtype=torch.float64, device=device)
     for name, p in named_params:
         if p.grad is not None and counts_here(name, p):
             square[0] += p.grad.detach().double().pow(2).sum()

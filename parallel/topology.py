@@ -19,9 +19,10 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
-from parallel.compat import apply_cpu_compat, cuda_available
+from parallel.device import Backend
 from rlcore.validation import ConfigError, check_divides, check_range
 
 
@@ -107,31 +108,31 @@ def validate_layout(cfg: ParallelConfig, world_size: int, dims: ModelDims) -> No
         raise ConfigError("parallel.ep", cfg.ep, "a dense model has no experts: ep must be 1 and etp unset")
 
 
-def init_distributed_from_env() -> None:
+def init_distributed_from_env(backend: Backend) -> None:
     """Initialises torch.distributed from torchrun-style variables (RANK, WORLD_SIZE, MASTER_*)."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
         raise RuntimeError("torch.distributed is not initialised and RANK/WORLD_SIZE are not set")
-    dist.init_process_group(backend="nccl" if cuda_available() else "gloo")
+    dist.init_process_group(backend=backend.collective)
 
 
-def init_parallel(cfg: ParallelConfig, seed: int = 0) -> None:
-    """Builds megatron's TP/PP/EP/ETP/CP/DP groups and seeds its RNG tracker.
+def init_parallel(cfg: ParallelConfig, seed: int = 0, backend: Backend = Backend()) -> torch.device:
+    """Builds megatron's TP/PP/EP/ETP/CP/DP groups and seeds its RNG tracker; returns the device.
 
     Requires torch.distributed to be initialised (or torchrun variables to be set). Seeds:
     megatron gives each TP rank its own model-parallel stream and each EP/ETP rank its own
-    expert stream, derived from ``seed``. Calling it again rebuilds the groups. Applies the
-    CPU compatibility layer first when CUDA is absent (``parallel.compat``).
+    expert stream, derived from ``seed``. Calling it again rebuilds the groups. Binds the
+    rank's device first (``parallel.device``: its GPU, or the CPU compatibility layer).
     """
-    apply_cpu_compat()  # no-op with CUDA
+    device = backend.bind()
     # megatron-core 0.16 calls torch.distributed's renamed collectives (all_gather_into_tensor,
     # reduce_scatter_tensor); torch 2.13 warns once per call site on every rank of every run.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    init_distributed_from_env()
+    init_distributed_from_env(backend)
     cfg.check_world(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -146,3 +147,4 @@ def init_parallel(cfg: ParallelConfig, seed: int = 0) -> None:
         create_gloo_process_groups=False,
     )
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    return device

@@ -21,6 +21,7 @@ from typing import Any
 
 from parallel.arch import get_arch
 from parallel.arch.tiny import TinyModelSpec
+from parallel.device import DEVICES, DTYPES, Backend
 from parallel.lora import LoraConfig
 from parallel.topology import ParallelConfig, validate_layout
 from rlcore.config import GROUP_RELATIVE_ESTIMATORS, AlgorithmConfig
@@ -46,6 +47,12 @@ class ModelConfig:
     hf_path: str | None = None
     tiny: TinyModelSpec | None = None
     hf_config: dict[str, Any] = field(default_factory=dict)
+    # The base weights' dtype in the training fleet (bfloat16 on GPUs); LoRA factors and their
+    # AdamW state are fp32 master copies either way (parallel.device).
+    dtype: str = "float32"
+    # megatron's layer specs: "local" is the verified path; Transformer Engine's cannot be
+    # installed or checked anywhere here yet, so it is refused rather than run unverified.
+    layer_spec: str = "local"
     sft_steps: int = 0
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
@@ -57,6 +64,12 @@ class ModelConfig:
             raise ConfigError("model.hf_path", self.hf_path, "must be a directory with an HF config.json")
         if self.hf_config and "model_type" not in self.hf_config:
             raise ConfigError("model.hf_config", self.hf_config, "must name its model_type")
+        check_choice("model.dtype", self.dtype, tuple(DTYPES))
+        check_choice("model.layer_spec", self.layer_spec, ("local", "transformer_engine"))
+        if self.layer_spec == "transformer_engine":
+            raise ConfigError("model.layer_spec", self.layer_spec,
+                              "Transformer Engine layer specs are not verified yet (its torch extension "
+                              "builds only with CUDA, and no GPU run has checked LoRA on them): use 'local'")
         check_int("model.sft_steps", self.sft_steps, ge=0)
         check_range("model.sft_lr", self.sft_lr, gt=0)
         check_int("model.sft_batch_size", self.sft_batch_size, ge=1)
@@ -112,6 +125,7 @@ class TrainerConfig:
     resume: str = "auto"
     if_run_dir_exists: str = "refuse"
     ray_address: str | None = None  # null: start a local Ray instance
+    device: str = "cpu"  # the training fleet's device: cpu (gloo) or cuda (one GPU per rank, NCCL)
     placement: str = "colocated"  # colocated | separate
     train_world_size: int = 2
     reward_timeout_s: float = 10.0
@@ -146,6 +160,7 @@ class TrainerConfig:
         check_choice("trainer.resume", self.resume, ("auto", "never"))
         check_choice("trainer.if_run_dir_exists", self.if_run_dir_exists, RUN_DIR_POLICIES)
         check_choice("trainer.placement", self.placement, ("colocated", "separate"))
+        check_choice("trainer.device", self.device, DEVICES)
         check_choice("trainer.fault_kind", self.fault_kind, FAULT_KINDS)
         self.fault_steps = tuple(self.fault_steps)
         for step in self.fault_steps:
@@ -165,6 +180,11 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    @property
+    def backend(self) -> Backend:
+        """Where the training fleet computes (``parallel.device``)."""
+        return Backend(self.trainer.device, self.model.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

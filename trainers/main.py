@@ -98,13 +98,14 @@ class Run:
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.trainer.keep_checkpoints, log=log)
-        self.preemption = Preemption(cfg.trainer.preemption_grace_s, self._grace_expired, log).install()
         start_ray(cfg.trainer.ray_address)
+        # After Ray's start: its core worker installs a SIGTERM handler that aborts the process.
+        self.preemption = Preemption(cfg.trainer.preemption_grace_s, self._grace_expired, log).install()
         placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement)
         model_dir = finetune_base(cfg, base_dir, self.tokenizer, placement, log) if cfg.model.sft_steps else base_dir
         t = cfg.trainer
         self.training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, cfg.lora, t.train_world_size,
-                                                        t.micro_batch_size, t.seed), placement)
+                                                        t.micro_batch_size, t.seed, backend=cfg.backend), placement)
         log(f"training fleet: {t.train_world_size} Megatron ranks, process ids by rank {self.training.pids}")
         rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
                               num_cpus_per_engine=placement.engine_cpus)

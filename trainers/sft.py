@@ -82,7 +82,8 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, placement, log=prin
         return out
     steps, batch_size = cfg.model.sft_steps, cfg.model.sft_batch_size
     spec = TrainingFleetSpec(str(base_dir), cfg.parallel, None, cfg.trainer.train_world_size,
-                             micro_batch_size=batch_size, seed=cfg.trainer.seed, train_base=True)
+                             micro_batch_size=batch_size, seed=cfg.trainer.seed, train_base=True,
+                             backend=cfg.backend)
     fleet = TrainingFleet(spec, placement)
     rng = random.Random(spread_seed(cfg.trainer.seed, SFT_SEED_TAG))
     from tqdm import tqdm

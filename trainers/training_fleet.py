@@ -19,6 +19,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from parallel.device import Backend
 from parallel.lora import DEFAULT_ADAPTER, LoraConfig
 from parallel.topology import ParallelConfig
 
@@ -38,6 +39,7 @@ class TrainingFleetSpec:
     micro_batch_size: int
     seed: int
     train_base: bool = False  # full fine-tuning (the demo's SFT), no LoRA
+    backend: Backend = Backend()  # device, collectives, the base's dtype (parallel.device)
 
 
 class TrainingRank:
@@ -64,10 +66,11 @@ class TrainingRank:
         from parallel.launch import join_group
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        join_group(backend, master[0], master[1], self.rank, self.world_size)
+        spec.backend.bind()
+        join_group(spec.backend.collective, master[0], master[1], self.rank, self.world_size)
         self.engine = TrainingEngine(spec.model_dir, spec.parallel, spec.lora, seed=spec.seed,
-                                     micro_batch_size=spec.micro_batch_size, train_base=spec.train_base)
+                                     micro_batch_size=spec.micro_batch_size, train_base=spec.train_base,
+                                     backend=spec.backend)
         return os.getpid()
 
     def compute_logprobs(self, batch, temperature: float, with_entropy: bool, adapter: str | None):

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from parallel.arch.mapping import Placement, QKVDims, WeightTable
-from parallel.compat import SDPACoreAttention, SequenceParallelRMSNorm, apply_cpu_compat, replicated_linear
+from parallel.compat import SDPACoreAttention, SequenceParallelRMSNorm, replicated_linear
+from parallel.device import Backend
 from parallel.topology import ModelDims, ParallelConfig
 
 
@@ -36,27 +37,16 @@ class Arch:
     table: WeightTable
     model_dims: Callable[[object], ModelDims]
     qkv_dims: Callable[[object], QKVDims | None]  # None: no fused QKV (MLA)
-    # (hf_config, ParallelConfig, use_te) -> megatron TransformerConfig
-    transformer_config: Callable[[object, ParallelConfig, bool], object]
+    # (hf_config, ParallelConfig, Backend) -> megatron TransformerConfig
+    transformer_config: Callable[[object, ParallelConfig, Backend], object]
     # hf_config -> GPTModel keyword arguments (vocab, rope, tying)
     gpt_kwargs: Callable[[object], dict]
 
 
-def transformer_engine_available() -> bool:
-    """TE layer specs need both CUDA and an importable transformer_engine."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def common_config_kwargs(pcfg: ParallelConfig) -> dict:
-    """``TransformerConfig`` fields shared by every architecture: the layout, fp32 weights,
-    no dropout, no fused kernels (the unfused paths are the ones that run on CPU), weights
-    left for the checkpoint to fill."""
+def common_config_kwargs(pcfg: ParallelConfig, backend: Backend) -> dict:
+    """``TransformerConfig`` fields shared by every architecture: the layout, the base's dtype,
+    no dropout, no fused kernels (the unfused paths run on CPU and GPU alike), weights left for
+    the checkpoint to fill."""
     return dict(
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -70,33 +60,35 @@ def common_config_kwargs(pcfg: ParallelConfig) -> dict:
         expert_tensor_parallel_size=pcfg.expert_tp,
         context_parallel_size=pcfg.cp,
         sequence_parallel=pcfg.sp,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=backend.torch_dtype,
+        pipeline_dtype=backend.torch_dtype,
+        bf16=backend.torch_dtype == torch.bfloat16,
+        use_cpu_initialization=not backend.on_gpu,
         perform_initialization=False,
     )
 
 
-def moe_runtime_kwargs(use_te: bool) -> dict:
+def moe_runtime_kwargs() -> dict:
     """MoE fields shared by every architecture.
 
     No auxiliary loss: it does not change the forward pass, and RL post-training with LoRA
     keeps the router frozen (routing must match the rollout engine's). ``SequentialMLP``
-    experts (LoRA wraps their linears); the ``alltoall`` dispatcher needs CUDA streams.
+    experts (LoRA wraps their linears); the ``allgather`` dispatcher (``alltoall`` needs CUDA
+    streams, and is not yet verified with LoRA on GPUs).
     """
     return dict(
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
         moe_grouped_gemm=False,
-        moe_token_dispatcher_type="alltoall" if use_te else "allgather",
+        moe_token_dispatcher_type="allgather",
     )
 
 
-def _cpu_spec(spec):
-    """The local layer spec made to run on CPU (``parallel.compat`` items 5, 7, 8): torch norms
-    become ``SequenceParallelRMSNorm``; MLA gets SDPA core attention and replicated down
-    projections."""
+def _local_spec(spec):
+    """megatron's local layer spec made to run without Transformer Engine (``parallel.compat``
+    items 5, 7, 8): torch norms become ``SequenceParallelRMSNorm``; MLA gets SDPA core
+    attention and replicated down projections."""
     from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -104,34 +96,33 @@ def _cpu_spec(spec):
     if spec is WrappedTorchNorm:
         return SequenceParallelRMSNorm
     if isinstance(spec, list):
-        return [_cpu_spec(s) for s in spec]
+        return [_local_spec(s) for s in spec]
     if isinstance(spec, ModuleSpec):
-        return dataclasses.replace(spec, submodules=_cpu_spec(spec.submodules))
+        return dataclasses.replace(spec, submodules=_local_spec(spec.submodules))
     if isinstance(spec, MLASelfAttentionSubmodules):
         linear = replicated_linear()
         spec = dataclasses.replace(spec, core_attention=SDPACoreAttention, linear_q_down_proj=linear,
                                    linear_kv_down_proj=linear)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(spec, **{f.name: _cpu_spec(getattr(spec, f.name)) for f in dataclasses.fields(spec)})
+        return dataclasses.replace(spec, **{f.name: _local_spec(getattr(spec, f.name)) for f in dataclasses.fields(spec)})
     return spec
 
 
-def build_model(arch: Arch, hf_config, pcfg: ParallelConfig, *, meta: bool = False):
-    """This rank's ``GPTModel`` stage (fp32 on CPU); megatron's groups must be initialised.
+def build_model(arch: Arch, hf_config, pcfg: ParallelConfig, backend: Backend = Backend(), *, meta: bool = False):
+    """This rank's ``GPTModel`` stage in ``backend``'s dtype on its device; megatron's groups
+    must be initialised (``parallel.topology.init_parallel``).
 
-    ``meta=True``: every weight on the meta device (megatron's ``init_model_with_meta_device``).
+    The layer spec is megatron's local one (the verified path; Transformer Engine specs are
+    refused by the configuration until they can be checked on a GPU). ``meta=True``: every
+    weight on the meta device (megatron's ``init_model_with_meta_device``).
     """
-    apply_cpu_compat()  # already done by init_parallel; no-op with CUDA
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    use_te = transformer_engine_available()
-    config = arch.transformer_config(hf_config, pcfg, use_te)
+    config = arch.transformer_config(hf_config, pcfg, backend)
     config.init_model_with_meta_device = meta
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
-    if not use_te:
-        spec = _cpu_spec(spec)
+    spec = _local_spec(get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm"))
     with torch.device("meta") if meta else contextlib.nullcontext():
         return GPTModel(
             config=config,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from parallel.arch.builder import Arch, common_config_kwargs, moe_runtime_kwargs
+from parallel.device import Backend
 from parallel.arch.mapping import WeightTable
 from parallel.arch.rules import ATTN, H, L, SHARED_RULES, rule, shared_expert_rules
 from parallel.topology import ModelDims, ParallelConfig
@@ -104,7 +105,7 @@ def _router_kwargs(hf) -> dict:
     )
 
 
-def transformer_config(hf, pcfg: ParallelConfig, use_te: bool):
+def transformer_config(hf, pcfg: ParallelConfig, backend: Backend):
     from megatron.core.transformer import MLATransformerConfig
 
     if getattr(hf, "attention_bias", False):
@@ -129,8 +130,8 @@ def transformer_config(hf, pcfg: ParallelConfig, use_te: bool):
         add_bias_linear=False,
         **_rope_kwargs(hf),
         **_router_kwargs(hf),
-        **moe_runtime_kwargs(use_te),
-        **common_config_kwargs(pcfg),
+        **moe_runtime_kwargs(),
+        **common_config_kwargs(pcfg, backend),
     )
 
 

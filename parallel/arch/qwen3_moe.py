@@ -20,6 +20,7 @@ from functools import partial
 import torch.nn.functional as F
 
 from parallel.arch.builder import Arch, common_config_kwargs, moe_runtime_kwargs
+from parallel.device import Backend
 from parallel.arch.mapping import QKVDims, WeightTable
 from parallel.arch.rules import ATTN, H, L, SHARED_RULES, rule, shared_expert_rules
 from parallel.topology import ModelDims, ParallelConfig
@@ -57,7 +58,7 @@ def _moe_layer_pattern(hf) -> list[int]:
     return [int((i + 1) % step == 0 and i not in dense) for i in range(hf.num_hidden_layers)]
 
 
-def transformer_config(hf, pcfg: ParallelConfig, use_te: bool, *, qwen2: bool = False):
+def transformer_config(hf, pcfg: ParallelConfig, backend: Backend, *, qwen2: bool = False):
     """Qwen3 (``qwen2=False``: q/k norms, no q/k/v bias) or Qwen2-MoE (no norms, ``qkv_bias``)."""
     from megatron.core.transformer import TransformerConfig
 
@@ -76,7 +77,7 @@ def transformer_config(hf, pcfg: ParallelConfig, use_te: bool, *, qwen2: bool = 
             moe_layer_freq=_moe_layer_pattern(hf),
             moe_shared_expert_intermediate_size=shared,
             moe_shared_expert_gate=shared is not None,
-            **moe_runtime_kwargs(use_te),
+            **moe_runtime_kwargs(),
         )
     return TransformerConfig(
         num_layers=hf.num_hidden_layers,
@@ -92,7 +93,7 @@ def transformer_config(hf, pcfg: ParallelConfig, use_te: bool, *, qwen2: bool = 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=qwen2 and bool(hf.qkv_bias),
-        **common_config_kwargs(pcfg),
+        **common_config_kwargs(pcfg, backend),
         **moe,
     )
 
