@@ -130,15 +130,19 @@ def run(tree: dict, log=print) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     start_ray(cfg.trainer.ray_address)
-    placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement)
+    # Training ranks run on CPU (gloo) for now: the module that decides the device passes
+    # train_gpus_per_rank=1 on CUDA.
+    placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement,
+                             engine_gpus=cfg.rollout.num_gpus_per_engine)
+    log(placement.describe())
     model_dir = finetune_base(cfg, base_dir, tokenizer, placement, log) if cfg.model.sft_steps else base_dir
 
     training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, cfg.lora, cfg.trainer.train_world_size,
                                                cfg.trainer.micro_batch_size, cfg.trainer.seed), placement)
     log(f"training fleet: {cfg.trainer.train_world_size} Megatron ranks, process ids by rank {training.pids}")
     rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
-                          num_cpus_per_engine=placement.engine_cpus)
-    rollout = RolloutFleet(rollout_cfg, placement.group, placement.engine_bundles)
+                          num_cpus_per_engine=placement.plan.engine_cpus)
+    rollout = RolloutFleet(rollout_cfg, placement.group, placement.plan.engine_bundles, placement.plan.engine_gpus)
     sync = make_weight_sync(rollout)
     checkpoints = CheckpointManager(run_dir, cfg.trainer.keep_checkpoints)
     latest = checkpoints.latest() if cfg.trainer.resume == "auto" else None
