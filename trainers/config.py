@@ -17,6 +17,7 @@ from parallel.topology import ParallelConfig
 from rlcore.config import AlgorithmConfig
 from rlcore.validation import ConfigError, check_choice, check_int, check_range
 from rollout.config import RolloutConfig, SamplingConfig
+from trainers.launch.config import LaunchConfig
 from trainers.tracking import LoggerConfig
 from trainers.typed_config import build
 
@@ -128,6 +129,7 @@ class RunConfig:
     task: TaskConfig
     trainer: TrainerConfig
     logger: LoggerConfig
+    launch: LaunchConfig
 
     @staticmethod
     def from_dict(tree: dict[str, Any]) -> RunConfig:
@@ -135,7 +137,7 @@ class RunConfig:
         groups = {}
         for name, cls in (("model", ModelConfig), ("parallel", ParallelConfig), ("lora", LoraConfig),
                           ("algorithm", AlgorithmConfig), ("task", TaskConfig),
-                          ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+                          ("trainer", TrainerConfig), ("logger", LoggerConfig), ("launch", LaunchConfig)):
             groups[name] = build(cls, tree.get(name, {}), name)
         rollout_tree = dict(tree.get("rollout", {}))
         groups["sampling"] = build(SamplingConfig, rollout_tree.pop("sampling", {}), "rollout.sampling")
