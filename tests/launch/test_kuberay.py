@@ -43,8 +43,8 @@ def test_the_cli_writes_both_files_as_plain_yaml(tmp_path):
 
 
 def test_the_cluster_is_sized_by_the_launch_group():
-    spec = manifests("launch.nodes=4", "launch.gpus_per_node=8", "launch.cpus_per_node=64",
-                     "launch.image=img:2", "launch.pvc_name=runs", "launch.volume_mount_path=/data")["raycluster.yaml"]["spec"]
+    spec = manifests("launch.nodes=4", "launch.gpus_per_node=8", "launch.cpus_per_node=64", "launch.image=img:2",
+                     "launch.pvc_name=runs", "launch.volume_mount_path=/data")["raycluster.yaml"]["spec"]
     (workers,) = spec["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 3
     for group in (spec["headGroupSpec"], workers):

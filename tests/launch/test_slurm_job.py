@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 def placement_nodes(log: str) -> dict[str, list[str]]:
     """The nodes the driver reported for each fleet (trainers.placement.Placement.describe)."""
     line = re.search(r"^placement \(.*$", log, re.M).group(0)
-    return {name: ids.split(", ") for name, ids in re.findall(r"(training ranks|rollout engines) on nodes \[(.*?)\]", line)}
+    fleets = re.findall(r"(training ranks|rollout engines) on nodes \[(.*?)\]", line)
+    return {name: ids.split(", ") for name, ids in fleets}
 
 
 def test_the_job_runs_on_both_nodes_and_leaves_nothing(tmp_path, model_cache):

@@ -47,7 +47,8 @@ def test_placements_that_cannot_work_name_the_field(args, field):
 
 
 def in_bundle(group, bundle: int, **resources) -> dict:
-    return {**resources, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)}
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
+    return {**resources, "scheduling_strategy": strategy}
 
 
 @pytest.mark.slow

@@ -109,7 +109,8 @@ class LaunchConfig:
                               f"worker ports {workers[0]}-{workers[1]} for {self.nodes} nodes pass {_MAX_PORT}")
         if service[0] <= workers[1] and workers[0] <= service[1]:
             raise ConfigError("launch.worker_port_base", self.worker_port_base,
-                              f"worker ports {workers[0]}-{workers[1]} overlap the node ports {service[0]}-{service[1]}")
+                              f"worker ports {workers[0]}-{workers[1]} overlap the node ports "
+                              f"{service[0]}-{service[1]}")
         singles = {"ray_port": self.ray_port}
         if self.dashboard_port is not None:
             _check_port("dashboard_port", self.dashboard_port)
