@@ -55,6 +55,8 @@ class RolloutFleet:
 
     ``placement_group`` / ``bundle_indices`` (one bundle per engine) let the trainer place the
     engines: in bundles shared with training workers to colocate, or in their own to separate.
+    ``num_gpus_per_engine`` overrides the GPUs an engine asks for (a fraction of a GPU it
+    shares with a training rank); by default it is ``config.num_gpus_per_engine``.
     Ray must be initialised by the caller (``ray.init``) or it starts a local instance.
     """
 
@@ -63,6 +65,7 @@ class RolloutFleet:
         config: RolloutConfig,
         placement_group: PlacementGroup | None = None,
         bundle_indices: Sequence[int] | None = None,
+        num_gpus_per_engine: float | None = None,
     ):
         if placement_group is None and bundle_indices is not None:
             raise ValueError("bundle_indices need a placement_group")
@@ -70,6 +73,7 @@ class RolloutFleet:
             raise ValueError(f"got {len(bundle_indices)} bundle indices for {config.engines} engines")
         check_engine_for_model(config.engine)  # before any actor starts
         self.config = config
+        self._num_gpus = config.num_gpus_per_engine if num_gpus_per_engine is None else num_gpus_per_engine
         self._placement_group = placement_group
         self._bundle_indices = list(bundle_indices) if bundle_indices is not None else None
         self.version = 0
@@ -86,8 +90,7 @@ class RolloutFleet:
         return len(self.actors)
 
     def _create_actor(self, index: int):
-        options = dict(num_cpus=self.config.num_cpus_per_engine,
-                       num_gpus=self.config.num_gpus_per_engine)
+        options = dict(num_cpus=self.config.num_cpus_per_engine, num_gpus=self._num_gpus)
         if self._placement_group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=self._placement_group,

@@ -27,6 +27,7 @@ from parallel.topology import ParallelConfig, validate_layout
 from rlcore.config import GROUP_RELATIVE_ESTIMATORS, AlgorithmConfig
 from rlcore.validation import ConfigError, check_choice, check_int, check_range, reject_non_finite
 from rollout.config import RolloutConfig, check_engine_for_model
+from trainers.launch.config import LaunchConfig
 from trainers.tracking import LoggerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -180,6 +181,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # read by scripts/launch.py only
 
     @property
     def backend(self) -> Backend:

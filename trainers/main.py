@@ -101,15 +101,18 @@ class Run:
         start_ray(cfg.trainer.ray_address)
         # After Ray's start: its core worker installs a SIGTERM handler that aborts the process.
         self.preemption = Preemption(cfg.trainer.preemption_grace_s, self._grace_expired, log).install()
-        placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement)
+        placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement,
+                                 train_gpus_per_rank=int(cfg.backend.on_gpu), engine_gpus=cfg.rollout.num_gpus_per_engine)
+        log(placement.describe())
         model_dir = finetune_base(cfg, base_dir, self.tokenizer, placement, log) if cfg.model.sft_steps else base_dir
         t = cfg.trainer
         self.training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, cfg.lora, t.train_world_size,
                                                         t.micro_batch_size, t.seed, backend=cfg.backend), placement)
         log(f"training fleet: {t.train_world_size} Megatron ranks, process ids by rank {self.training.pids}")
         rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
-                              num_cpus_per_engine=placement.engine_cpus)
-        self.rollout = RolloutFleet(rollout_cfg, placement.group, placement.engine_bundles)
+                              num_cpus_per_engine=placement.plan.engine_cpus)
+        self.rollout = RolloutFleet(rollout_cfg, placement.group, placement.plan.engine_bundles,
+                                    placement.plan.engine_gpus)
         self.sync = make_weight_sync(self.rollout)
         self.prompts = PromptSource(cfg, log)
         self.reward_fn = get_reward(cfg.algorithm.reward)

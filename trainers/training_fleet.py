@@ -17,7 +17,6 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from parallel.device import Backend
 from parallel.lora import DEFAULT_ADAPTER, LoraConfig
@@ -123,10 +122,7 @@ class TrainingFleet:
         actor_cls = ray.remote(TrainingRank)
         self.actors = []
         for rank in range(spec.world_size):
-            options = {"num_cpus": placement.train_cpus if placement else 1}
-            if placement is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement.group, placement_group_bundle_index=placement.train_bundles[rank])
+            options = placement.train_options(rank) if placement is not None else {"num_cpus": 1}
             self.actors.append(actor_cls.options(**options).remote(rank, spec.world_size))
         master = ray.get(self.actors[0].rendezvous_address.remote())
         self.pids = self._all("start", master, spec)
