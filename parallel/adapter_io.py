@@ -16,7 +16,10 @@ one A and a B whose rows split into the HF modules exactly like the weight's row
 the same function, exactly. A shared expert outer factor is copied into every expert.
 
 Every function taking a sharded ``model`` is a collective: all ranks call it; files are
-written and full tensors returned on global rank 0 only.
+written and full tensors returned on global rank 0 only. ``gather_adapter`` and
+``merged_state_dict`` bring a whole adapter (or model) to rank 0: they serve parity checks
+and tests. Runs never gather: the PEFT export is ``parallel.peft_export`` and the weight
+sync ``rollout.sync``, both shard by shard.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _exports_here(param: nn.Parameter) -> bool:
+def exports_here(param: nn.Parameter) -> bool:
     """Whether this rank contributes ``param``: the first of the ranks holding each slice
     (data-parallel rank 0; TP/ETP rank 0 for a replicated factor; EP rank 0 for a shared
     expert outer factor, which every EP rank holds)."""
@@ -89,7 +92,7 @@ def gather_adapter(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> tuple[di
     parameters) write per-rank shards instead (``save_adapter_state``).
     """
     pieces = [(name, p.lora_shard, p.detach().clone()) for name, p in adapter_parameters(model, adapter).items()
-              if _exports_here(p)]
+              if exports_here(p)]
     payload = (pieces, lora_config_of(model, adapter))
     rank, world = _world()
     if world == 1:
@@ -180,34 +183,6 @@ def _peft_config(cfg: LoraConfig, tensors: dict[str, torch.Tensor], base_model: 
     targets = sorted({k[len(PEFT_PREFIX):].rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in tensors})
     return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                            bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
-
-
-def export_peft_adapter(model: nn.Module, out_dir: str | Path, *, arch: Arch, hf_config,
-                        base_model_name_or_path: str | None = None, adapter: str = DEFAULT_ADAPTER) -> Path | None:
-    """Writes the adapter as a PEFT folder on rank 0 (collective); returns the folder there.
-
-    ``adapter_config.json`` comes from ``peft.LoraConfig`` itself (r, lora_alpha,
-    lora_dropout, target_modules as HF leaf names, task_type CAUSAL_LM, peft_type LORA) and
-    ``adapter_model.safetensors`` holds ``base_model.model.<hf module>.lora_{A,B}.weight``.
-    A module name that recurs elsewhere in the HF model without an adapter (say, experts'
-    gate_proj when only dense MLPs are adapted) matches ``target_modules`` too; PEFT then
-    builds a zero-B adapter there, which changes nothing.
-    """
-    full, cfg = gather_adapter(model, adapter)
-    if _world()[0] != 0:
-        return None
-    if cfg is None:
-        raise ValueError("export_peft_adapter: the model has no LoRA adapters")
-    from safetensors.torch import save_file
-
-    tensors = peft_tensors(full, arch, hf_config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = base_model_name_or_path or getattr(hf_config, "_name_or_path", None) or None
-    config = _peft_config(cfg, tensors, base).to_dict()
-    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(out_dir / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2, default=list)))
-    return out_dir
 
 
 class _SafetensorsFile(Mapping):
@@ -318,7 +293,7 @@ def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {}
     for name, p in adapter_parameters(model, adapter).items():
-        if _exports_here(p):
+        if exports_here(p):
             state = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
             records[name] = {"shard": asdict(p.lora_shard), "value": p.detach().clone(), "optimizer": state}
     rank, _ = _world()

@@ -101,16 +101,23 @@ def _owns(rule_is_expert: bool, tp_dim: int | None, tp_rank: int) -> bool:
     return dp_rank == 0 and (tp_dim is not None or tp_rank == 0)
 
 
-def local_hf_shards(model: torch.nn.Module, arch: Arch, hf_config) -> list[HFShard]:
-    """This rank's deduplicated HF blocks (see the module docstring)."""
-    placement, qkv = placement_of(model), arch.qkv_dims(hf_config)
-    shards = []
+def owned_base_tensors(model: torch.nn.Module, arch: Arch, hf_config):
+    """(megatron name, tensor, located rule) of every base tensor this rank exports: each HF
+    element comes from exactly one rank (DP / expert-DP rank 0, TP rank 0 when replicated)."""
+    placement = placement_of(model)
     for name, param in _base_tensors(model, arch):
         loc = arch.table.locate(name, placement)
         if hf_config.tie_word_embeddings and loc.hf_names == (_TIED_HEAD,):
             continue  # the last stage's copy of the tied embedding
-        if not _owns(loc.rule.expert, loc.rule.tp_dim, loc.tp_rank):
-            continue
+        if _owns(loc.rule.expert, loc.rule.tp_dim, loc.tp_rank):
+            yield name, param, loc
+
+
+def local_hf_shards(model: torch.nn.Module, arch: Arch, hf_config) -> list[HFShard]:
+    """This rank's deduplicated HF blocks (see the module docstring)."""
+    qkv = arch.qkv_dims(hf_config)
+    shards = []
+    for _, param, loc in owned_base_tensors(model, arch, hf_config):
         parts = split(loc.rule, param.detach(), qkv, loc.tp_size)
         shards += [HFShard(n, p.clone(), loc.rule.tp_dim, loc.tp_rank, loc.tp_size)
                    for n, p in zip(loc.hf_names, parts)]

@@ -256,6 +256,13 @@ class LoraAdapter(nn.Module):
             B = self.B
         return A.to(dtype), B.to(dtype)
 
+    @torch.no_grad()
+    def weight_delta(self) -> torch.Tensor:
+        """``s B A`` in this rank's slice of the wrapped weight's layout (what merging adds)."""
+        A = self.A if self.A is not None else self._outer[0]()
+        B = self.B if self.B is not None else self._outer[0]()
+        return self.scaling * (B.double() @ A.double())
+
     def extra_repr(self) -> str:
         own = ", ".join(f"{n}={tuple(p.shape)}" for n, p in (("A", self.A), ("B", self.B)) if p is not None)
         shared = ", outer factor shared by the layer's experts" if self._outer[0] is not None else ""

@@ -61,9 +61,13 @@ class ExpertOuterFactors(nn.Module):
         self._ready = {}
 
     def ready(self, role: str) -> torch.Tensor:
-        if role not in self._ready:
+        """The factor wired for the current forward; outside one (an export, no gradient) the
+        parameter itself."""
+        if role in self._ready:
+            return self._ready[role]
+        if torch.is_grad_enabled():
             raise RuntimeError(f"shared expert factor {role} used outside the experts' forward")
-        return self._ready[role]
+        return getattr(self, role)
 
 
 def _install_outer(experts: nn.Module, selector: AdapterSelector) -> nn.ModuleDict:

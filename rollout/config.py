@@ -167,8 +167,10 @@ class RolloutConfig:
     # Bounds on waiting for engines, so a dead or stuck engine is an error, not a hang.
     start_timeout_s: float = 600.0
     call_timeout_s: float = 900.0
-    # Where weight-sync payloads are staged for the engines to read (RAM-backed by default).
-    # Every engine must see it: on several nodes, point it at a shared filesystem.
+    # Weight sync (rollout.sync): the largest bucket a sender broadcasts, in MiB (also the
+    # largest buffer a sync allocates anywhere; it must hold the largest single HF tensor),
+    # and the engine-local folder where adapter syncs write the PEFT folder vLLM loads.
+    sync_bucket_mb: float = 64.0
     staging_dir: str = "/dev/shm/trillora"
 
     def __post_init__(self) -> None:
@@ -180,6 +182,7 @@ class RolloutConfig:
         check_range("rollout.num_cpus_per_engine", self.num_cpus_per_engine, gt=0)
         check_range("rollout.start_timeout_s", self.start_timeout_s, gt=0)
         check_range("rollout.call_timeout_s", self.call_timeout_s, gt=0)
+        check_range("rollout.sync_bucket_mb", self.sync_bucket_mb, gt=0)
         if not self.staging_dir:
             raise ConfigError("rollout.staging_dir", self.staging_dir, "must be a directory path")
 

@@ -5,21 +5,23 @@ rather than in a child process vLLM would spawn. One process per engine means th
 the actor stops the engine with nothing left behind, that weight updates reach the model
 without crossing a process boundary, and that the start is shorter (no second interpreter).
 
-Weights change in two ways (see ``rollout.sync``, which stages the files):
-- ``merged``: a safetensors file of the full model in HF checkpoint names is loaded in place
-  by every worker (``collective_rpc`` of ``rollout.worker_extension``, vLLM's
-  ``reload_weights`` plus a fix for CPU MoE layers); the prefix cache is then cleared, or
-  prompts cached under the old weights would keep their stale KV entries;
-- ``adapter``: a PEFT folder becomes a new vLLM LoRA (one id per policy version) that every
-  later request uses; the previous adapter is removed.
+Weights change in two ways (``rollout.sync`` streams them from the training ranks into
+every worker over process groups; ``rollout.worker_extension`` receives them):
+- ``merged``: every weight of the model, reloaded in place tensor by tensor as it arrives
+  (vLLM's ``reload_weights`` over a stream, plus a fix for CPU MoE layers); the prefix cache
+  is then cleared, or prompts cached under the old weights would keep their stale KV entries;
+- ``adapter``: the adapter's PEFT tensors, written as a folder under ``staging_dir`` and
+  loaded as a new vLLM LoRA (one id per policy version) that every later request uses; the
+  previous adapter is removed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -43,15 +45,6 @@ def redirect_output(name: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-
-
-@dataclass(frozen=True)
-class WeightUpdate:
-    """New policy weights staged on disk for the engines: ``method`` as in weight_sync."""
-
-    method: str  # "merged": a folder with model.safetensors; "adapter": a PEFT folder
-    path: str
-    version: int  # the policy version the samples drawn after this update will carry
 
 
 def vllm_engine_args(config: EngineConfig) -> dict[str, Any]:
@@ -91,13 +84,14 @@ def set_engine_environment(config: EngineConfig) -> None:
 class RolloutEngine:
     """A vLLM engine loaded from an HF checkpoint; methods are called through Ray."""
 
-    def __init__(self, config: EngineConfig, index: int):
+    def __init__(self, config: EngineConfig, index: int, staging_dir: str = "/dev/shm/trillora"):
         redirect_output(f"rollout-engine-{index}")
         set_engine_environment(config)
         from vllm import LLM
 
         self.config = config
         self.index = index
+        self.staging_dir = Path(staging_dir) / f"engine-{os.getpid()}"
         self.version = 0
         self._lora = None  # the LoRARequest of the current adapter (adapter sync only)
         self.llm = LLM(**vllm_engine_args(config))
@@ -158,27 +152,33 @@ class RolloutEngine:
             routed_experts=output.routed_experts,
         )
 
-    def load_weights(self, update: WeightUpdate) -> float:
-        """Applies ``update``; returns the seconds it took inside the engine."""
-        if update.method != self.config.weight_sync:
-            raise ValueError(f"engine {self.index} was started for weight_sync="
-                             f"{self.config.weight_sync!r}, got a {update.method!r} update")
+    def join_weight_sync(self, host: str, port: int, prefix: str, senders: int, first_member: int,
+                         members: int) -> None:
+        """Every worker of this engine joins the sync groups (``rollout.sync``)."""
+        backend = "nccl" if self.config.device == "cuda" else "gloo"
+        self.llm.collective_rpc("join_weight_sync", args=(host, port, prefix, senders, first_member, members, backend))
+
+    def receive_weights(self, key: str, wire_steps: list, version: int) -> dict:
+        """Receives a sync's buckets and applies them; returns the seconds and buffer sizes."""
         start = time.perf_counter()
-        if update.method == "merged":
-            self.llm.collective_rpc("reload_hf_weights", args=(update.path,))
+        if self.config.weight_sync == "merged":
+            stats = self.llm.collective_rpc("receive_merged", args=(wire_steps,))
             self.llm.reset_prefix_cache()
         else:
             from vllm.lora.request import LoRARequest
 
+            folder = self.staging_dir / f"v{version}"
+            stats = self.llm.collective_rpc("receive_adapter", args=(wire_steps, str(folder)))
             # load_inplace: a retried push of a version this engine already holds reloads it.
-            lora = LoRARequest(f"policy-v{update.version}", update.version, update.path,
-                               load_inplace=True)
+            lora = LoRARequest(f"policy-v{version}", version, str(folder), load_inplace=True)
             self.llm.llm_engine.add_lora(lora)
             if self._lora is not None and self._lora.lora_int_id != lora.lora_int_id:
                 self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+                shutil.rmtree(self._lora.lora_path, ignore_errors=True)
             self._lora = lora
-        self.version = update.version
-        return time.perf_counter() - start
+        self.version = version
+        return {"seconds": time.perf_counter() - start, "bytes": stats[0]["bytes"],
+                "largest_buffer": max(s["largest_buffer"] for s in stats)}
 
     def loaded_adapters(self) -> list[int]:
         """LoRA ids vLLM holds (adapter sync keeps exactly the current one)."""

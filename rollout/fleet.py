@@ -4,8 +4,8 @@ Prompts are split into contiguous shards, one per engine; the n completions of a
 sampled by one engine in one request (a GRPO group never straddles engines), and results
 come back in prompt order. Every wait on an engine is bounded: a dead engine surfaces as an
 ``EngineError`` that names it (index, actor id, Ray's error), a stuck one as the same error
-once ``call_timeout_s`` has passed. ``restart_engine(i)`` puts a fresh engine in place and
-re-applies the weights the rest of the fleet runs.
+once ``call_timeout_s`` has passed. ``restart_engine(i)`` puts a fresh engine in place; it
+runs the base weights until the weights are pushed again (``rollout.sync``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rollout.config import RolloutConfig, SamplingConfig, check_engine_for_model
-from rollout.engine import RolloutEngineActor, WeightUpdate
+from rollout.engine import RolloutEngineActor
 from rollout.samples import SampleGroup
 from rollout.seeding import prompt_seeds
 
@@ -77,7 +77,6 @@ class RolloutFleet:
         self._placement_group = placement_group
         self._bundle_indices = list(bundle_indices) if bundle_indices is not None else None
         self.version = 0
-        self._current: WeightUpdate | None = None  # what restarted engines must load
         self.actors = [self._create_actor(i) for i in range(config.engines)]
         try:
             self._wait([(i, self.actors[i].info.remote()) for i in range(config.engines)], "start")
@@ -89,6 +88,12 @@ class RolloutFleet:
     def num_engines(self) -> int:
         return len(self.actors)
 
+    @property
+    def num_workers(self) -> int:
+        """vLLM workers in the fleet (one per engine and tensor-parallel rank): the receivers
+        of a weight sync."""
+        return self.num_engines * self.config.engine.tensor_parallel_size
+
     def _create_actor(self, index: int):
         options = dict(num_cpus=self.config.num_cpus_per_engine, num_gpus=self._num_gpus)
         if self._placement_group is not None:
@@ -98,7 +103,7 @@ class RolloutFleet:
                     self._bundle_indices[index] if self._bundle_indices is not None else -1),
                 placement_group_capture_child_tasks=True,
             )
-        return RolloutEngineActor.options(**options).remote(self.config.engine, index)
+        return RolloutEngineActor.options(**options).remote(self.config.engine, index, self.config.staging_dir)
 
     def _wait(self, calls: list[tuple[int, ray.ObjectRef]], action: str) -> list:
         """Results of one call per engine, in call order; raises on the first failure.
@@ -159,28 +164,32 @@ class RolloutFleet:
         shards = self._wait(calls, "generate")
         return [group for shard in shards for group in shard]
 
-    def load_weights(self, update: WeightUpdate) -> list[float]:
-        """Applies ``update`` on every engine; seconds each engine took, by engine.
+    def join_weight_sync(self, host: str, port: int, prefix: str, senders: int) -> None:
+        """Every worker joins the sync groups of ``senders`` senders (``rollout.sync``); blocks
+        until the senders have joined too."""
+        tp = self.config.engine.tensor_parallel_size
+        self._wait([(i, actor.join_weight_sync.remote(host, port, prefix, senders, i * tp, self.num_workers))
+                    for i, actor in enumerate(self.actors)], "join_weight_sync")
 
-        The fleet's version moves only when every engine has loaded the update. After an
-        EngineError, restart the failed engine (it loads the last complete update) and push
-        the same weights again.
-        """
-        seconds = self._wait([(i, actor.load_weights.remote(update))
-                              for i, actor in enumerate(self.actors)], "load_weights")
-        self.version = update.version
-        self._current = update
-        return seconds
+    def receive_weights(self, key: str, steps: list, version: int) -> list[dict]:
+        """Every engine receives a sync's buckets (``steps``) and reloads; the fleet's version
+        moves only when every engine has. Returns each engine's stats."""
+        from rollout.sync_plan import steps_to_wire
+
+        wire = steps_to_wire(steps)
+        stats = self._wait([(i, actor.receive_weights.remote(key, wire, version))
+                            for i, actor in enumerate(self.actors)], "receive_weights")
+        self.version = version
+        return stats
 
     def restart_engine(self, index: int) -> None:
-        """Replaces engine ``index`` (dead or alive) by a new one running the current weights."""
+        """Replaces engine ``index`` (dead or alive) by a new one, with the base weights: the
+        caller pushes the policy again (``rollout.sync.WeightSync.connect`` then ``push``)."""
         if not 0 <= index < self.num_engines:
             raise IndexError(f"no engine {index} in a fleet of {self.num_engines}")
         ray.kill(self.actors[index], no_restart=True)
         self.actors[index] = self._create_actor(index)
         self._wait([(index, self.actors[index].info.remote())], "start")
-        if self._current is not None:
-            self._wait([(index, self.actors[index].load_weights.remote(self._current))], "load_weights")
 
     def call(self, index: int, method: str, *args) -> object:
         """One engine method, waited on like every other call (for inspection and tests)."""

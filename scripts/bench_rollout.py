@@ -31,7 +31,7 @@ from rollout.engine import set_engine_environment, vllm_engine_args
 from rollout.fleet import RolloutFleet
 from rollout.reference import ATTENTION, DENSE_MLP, HFPolicy
 from rollout.seeding import prompt_seeds
-from rollout.sync import make_weight_sync
+from rollout.sync import LocalWeightSource, WeightSync, whole_tensor_blocks
 from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 
 SIZES = {
@@ -84,38 +84,26 @@ def fleet_tokens_per_s(fleet: RolloutFleet, repeats: int) -> float:
     return statistics.median(rates[1:])
 
 
-class PreparedSource:
-    """A LoRA-updated HF model whose merged weights are computed before the clock starts:
-    the sync is timed from the moment the trainer hands over the tensors (merged) or writes
-    its adapter folder (adapter), not including transformers' own merge."""
-
-    def __init__(self, model_dir: Path, lora_targets: list[str], seed: int):
-        self.policy = HFPolicy(model_dir)
-        self.policy.add_random_lora(lora_targets, rank=LORA_RANK, seed=seed)
-        self.state = self.policy.merged_state_dict()
-
-    def merged_state_dict(self):
-        return self.state
-
-    def export_peft_adapter(self, out_dir: str) -> None:
-        self.policy.export_peft_adapter(out_dir)
+def prepared_source(model_dir: Path, lora_targets: list[str], seed: int) -> LocalWeightSource:
+    """A LoRA-updated HF model whose merged weights (or scaled adapter) are computed before the
+    clock starts: the sync is timed from the moment the tensors are handed over, not
+    including transformers' own merge."""
+    policy = HFPolicy(model_dir)
+    policy.add_random_lora(lora_targets, rank=LORA_RANK, seed=seed)
+    tensors = {"merged": policy.merged_state_dict(), "adapter": policy.peft_tensors(scale_b=True)}
+    return LocalWeightSource(lambda method, adapter: whole_tensor_blocks(tensors[method]))
 
 
 def sync_costs(fleet: RolloutFleet, model_dir: Path, lora_targets: list[str], repeats: int) -> dict:
-    """Median seconds (total, staging, slowest engine load) and bytes of ``repeats`` syncs."""
-    sync = make_weight_sync(fleet)
-    reports = []
-    try:
-        for i in range(repeats):
-            reports.append(sync.push(PreparedSource(model_dir, lora_targets, seed=i)))
-    finally:
-        sync.close()
+    """Median seconds and bytes of ``repeats`` syncs, and the largest buffer any of them used."""
+    sync = WeightSync(fleet)
+    reports = [sync.push(prepared_source(model_dir, lora_targets, seed=i)) for i in range(repeats)]
     return {
         "method": reports[0].method,
         "bytes": reports[0].bytes,
         "seconds": statistics.median(r.seconds for r in reports),
-        "stage_seconds": statistics.median(r.stage_seconds for r in reports),
-        "load_seconds": statistics.median(r.load_seconds for r in reports),
+        "largest_buffer": max(r.largest_buffer for r in reports),
+        "bucket_bytes": reports[0].bucket_bytes,
         "repeats": repeats,
     }
 

@@ -64,21 +64,17 @@ def _reinforce_loss(logprobs: torch.Tensor, micro_batch: dict):
     return loss, {}
 
 
-class _TrainingSource:
-    """The training engine as a rollout.sync.WeightSource (one process: rank 0 has it all)."""
+def training_source(engine):
+    """A training engine in this process (one rank) as a ``rollout.sync.WeightSource``."""
+    from parallel.weight_stream import adapter_blocks, merged_blocks
+    from rollout.sync import LocalWeightSource
 
-    def __init__(self, engine):
-        self.engine = engine
+    def blocks(method: str, adapter: str):
+        if method == "merged":
+            return merged_blocks(engine.model, engine.arch, engine.hf_config, adapter)
+        return adapter_blocks(engine.model, engine.arch, engine.hf_config, adapter, scale_b=True)
 
-    def merged_state_dict(self):
-        from parallel.adapter_io import merged_state_dict
-
-        return merged_state_dict(self.engine.model, arch=self.engine.arch, hf_config=self.engine.hf_config)
-
-    def export_peft_adapter(self, out_dir: str) -> None:
-        from parallel.adapter_io import export_peft_adapter
-
-        export_peft_adapter(self.engine.model, out_dir, arch=self.engine.arch, hf_config=self.engine.hf_config)
+    return LocalWeightSource(blocks)
 
 
 @torch.no_grad()
@@ -103,12 +99,12 @@ def _check(rank: int, world: int, job: CheckJob) -> dict:
     from rollout.batching import PackedBatch, pack_groups
     from rollout.fleet import RolloutFleet
     from rollout.mismatch import measure_mismatch
-    from rollout.sync import make_weight_sync
+    from rollout.sync import WeightSync
 
     if not ray.is_initialized():
         ray.init(num_cpus=max(8, job.engines), include_dashboard=False, log_to_driver=False)
     fleet = RolloutFleet(RolloutConfig(engine=job.engine, engines=job.engines))
-    sync = make_weight_sync(fleet)
+    sync = WeightSync(fleet)
     try:
         engine = TrainingEngine(job.engine.model, ParallelConfig(), seed=job.seed,
                                 lora=LoraConfig(rank=job.lora_rank, alpha=2.0 * job.lora_rank, seed=job.seed))
@@ -130,13 +126,12 @@ def _check(rank: int, world: int, job: CheckJob) -> dict:
         for step in range(job.train_steps):
             engine.forward_backward(_random_training_batch(vocab, job.seed + step), _reinforce_loss)
             engine.optim_step(lr=TRAIN_LR)
-            engine.zero_grad()
         if job.train_steps:
             stale = measure_mismatch(initial, engine.compute_logprobs(initial.training_inputs(), job.temperature))
             result.update(stale_mismatch_kl=stale["mismatch_kl"], stale_mismatch_k3=stale["mismatch_k3"],
                           stale_max_abs_logprob_diff=stale["max_abs_logprob_diff"])
 
-        report = sync.push(_TrainingSource(engine))
+        report = sync.push(training_source(engine))
         result.update(compare("")[0])
         result.update(sync_seconds=report.seconds, sync_bytes=report.bytes, sync_method=report.method,
                       policy_version=report.version, dtype=job.engine.dtype, train_steps=job.train_steps)

@@ -176,7 +176,8 @@ class GRPOStep:
             raise NonFiniteTraining(step, "the adapter weights are not finite after the update (not synced)")
         with timer("sync"):
             report = self.recover(lambda: self.sync.push(self.training))
-        metrics.update({"sync/bytes": report.bytes, "sync/seconds": report.seconds, "sync/version": report.version})
+        metrics.update({"sync/bytes": report.bytes, "sync/seconds": report.seconds, "sync/version": report.version,
+                        "sync/largest_buffer": report.largest_buffer})
         step_seconds = time.perf_counter() - begin
         tokens = int(packed.attention_mask.sum())
         metrics.update({f"time/{phase}": timer.seconds.get(phase, 0.0) for phase in PHASES})

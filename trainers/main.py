@@ -25,7 +25,7 @@ import torch
 from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 from rlcore.rewards import get_reward
 from rollout.fleet import EngineError, RolloutFleet
-from rollout.sync import make_weight_sync
+from rollout.sync import WeightSync
 from trainers.checkpointing import Checkpoint, CheckpointManager, capture_rng_state, restore_rng_state, write_json_atomic
 from trainers.config import ModelConfig, RunConfig, load_run_config, validate_run
 from trainers.evaluation import evaluate
@@ -62,9 +62,9 @@ def validate(tree: dict) -> tuple[RunConfig, Path]:
     return validate_run(cfg, base_dir), base_dir
 
 
-def with_engine_recovery(rollout: RolloutFleet, call, log):
-    """Runs ``call``; a rollout engine that dies is restarted (with the current weights) and
-    the call retried, up to ENGINE_RETRIES times."""
+def with_engine_recovery(rollout: RolloutFleet, call, log, resync=lambda: None):
+    """Runs ``call``; a rollout engine that dies is restarted, ``resync()`` gives it the
+    current weights, and the call is retried, up to ENGINE_RETRIES times."""
     for attempt in range(ENGINE_RETRIES + 1):
         try:
             return call()
@@ -73,6 +73,7 @@ def with_engine_recovery(rollout: RolloutFleet, call, log):
                 raise
             log(f"{err}; restarting engine {err.index} and retrying")
             rollout.restart_engine(err.index)
+            resync()
 
 
 def run(tree: dict, log=print) -> dict:
@@ -113,7 +114,7 @@ class Run:
                               num_cpus_per_engine=placement.plan.engine_cpus)
         self.rollout = RolloutFleet(rollout_cfg, placement.group, placement.plan.engine_bundles,
                                     placement.plan.engine_gpus)
-        self.sync = make_weight_sync(self.rollout)
+        self.sync = WeightSync(self.rollout)
         self.prompts = PromptSource(cfg, log)
         self.reward_fn = get_reward(cfg.algorithm.reward)
         self.step_runner = GRPOStep(StepSettings(
@@ -127,7 +128,12 @@ class Run:
                                       total_steps=t.steps)
 
     def recover(self, call):
-        return with_engine_recovery(self.rollout, call, self.log)
+        return with_engine_recovery(self.rollout, call, self.log, resync=self._resync)
+
+    def _resync(self) -> None:
+        """A restarted engine joins new sync groups and gets the current policy."""
+        self.sync.connect(self.training)
+        self.sync.push(self.training, version=self.rollout.version)
 
     # ---- resume and checkpoints ----------------------------------------------------------
     def _verify(self, checkpoint: Checkpoint, entries: dict[str, dict]) -> list[str]:

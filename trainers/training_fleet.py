@@ -11,6 +11,7 @@ from the newest checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from parallel.device import Backend
 from parallel.lora import DEFAULT_ADAPTER, LoraConfig
 from parallel.topology import ParallelConfig
+from rollout.sync import WeightSource
+from rollout.sync_plan import Piece
 
 
 class TrainingRankDied(RuntimeError):
@@ -51,6 +54,8 @@ class TrainingRank:
         self.rank, self.world_size = rank, world_size
         self.engine = None
         self._store = None
+        self._sync_group = None
+        self._sync_blocks: dict[tuple[str, str], list] = {}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0 opens the group's store on a port the kernel picks (``parallel.launch``)."""
@@ -70,35 +75,20 @@ class TrainingRank:
         self.engine = TrainingEngine(spec.model_dir, spec.parallel, spec.lora, seed=spec.seed,
                                      micro_batch_size=spec.micro_batch_size, train_base=spec.train_base,
                                      backend=spec.backend)
+        self.spec = spec
         return os.getpid()
 
-    def compute_logprobs(self, batch, temperature: float, with_entropy: bool, adapter: str | None):
-        return self.engine.compute_logprobs(batch, temperature, with_entropy, adapter)
+    def call(self, method: str, *args, **kwargs):
+        """``engine.<method>(*args, **kwargs)`` (``parallel.engine.TrainingEngine``)."""
+        if method in ("add_adapter", "remove_adapter"):
+            self._sync_blocks.clear()  # the modules an adapter's blocks come from changed
+        return getattr(self.engine, method)(*args, **kwargs)
 
-    def forward_backward(self, batch, loss_fn, temperature: float):
-        return self.engine.forward_backward(batch, loss_fn, temperature)
+    def export_peft_adapter(self, out_dir: str, adapter: str):
+        from parallel.peft_export import export_peft_adapter
 
-    def optim_step(self, lr, betas, weight_decay, grad_clip):
-        metrics = self.engine.optim_step(lr, betas=betas, weight_decay=weight_decay, grad_clip=grad_clip)
-        self.engine.zero_grad()
-        return metrics
-
-    def merged_state_dict(self):
-        from parallel.adapter_io import merged_state_dict
-
-        return merged_state_dict(self.engine.model, arch=self.engine.arch, hf_config=self.engine.hf_config)
-
-    def export_peft_adapter(self, out_dir: str, base_model: str | None):
-        from parallel.adapter_io import export_peft_adapter
-
-        export_peft_adapter(self.engine.model, out_dir, arch=self.engine.arch,
-                            hf_config=self.engine.hf_config, base_model_name_or_path=base_model)
-
-    def save_state(self, out_dir: str) -> dict[str, dict]:
-        return self.engine.save_adapter_state(out_dir)
-
-    def adapter_is_finite(self) -> bool:
-        return self.engine.adapter_is_finite()
+        export_peft_adapter(self.engine.model, out_dir, arch=self.engine.arch, hf_config=self.engine.hf_config,
+                            base_model_name_or_path=self.spec.model_dir, adapter=adapter)
 
     def check_files(self, root: str, entries: list[tuple[str, dict]]) -> list[str]:
         """This rank's share of a checkpoint's files checked against their manifest entries."""
@@ -106,15 +96,36 @@ class TrainingRank:
 
         return check_files(Path(root), entries[self.rank::self.world_size])
 
-    def load_state(self, in_dir: str) -> None:
-        self.engine.load_adapter_state(in_dir)
+    # ---- weight sync: this rank is sender ``rank`` (rollout.sync) ----------------------------
+    def _blocks(self, method: str, adapter: str) -> list:
+        from parallel.weight_stream import adapter_blocks, merged_blocks
 
-    def export_hf_state_dict(self):
-        return self.engine.export_hf_state_dict()
+        if (method, adapter) not in self._sync_blocks:
+            e = self.engine
+            self._sync_blocks[(method, adapter)] = (
+                merged_blocks(e.model, e.arch, e.hf_config, adapter) if method == "merged"
+                else adapter_blocks(e.model, e.arch, e.hf_config, adapter, scale_b=True))
+        return self._sync_blocks[(method, adapter)]
+
+    def sync_pieces(self, method: str, adapter: str) -> list[tuple]:
+        return [dataclasses.astuple(b.meta) for b in self._blocks(method, adapter)]
+
+    def join_weight_sync(self, host: str, port: int, prefix: str, receivers: int) -> None:
+        from rollout.sync_plan import join_group
+
+        self._sync_group = join_group(self.spec.backend.collective, host, port, f"{prefix}-{self.rank}", 0,
+                                      1 + receivers)
+
+    def send_weights(self, adapter: str, method: str, buckets: list[list[int]]) -> dict[str, int]:
+        from rollout.sync_plan import broadcast_buckets
+
+        if not self.engine.adapter_is_finite(adapter):  # collective: every rank refuses together
+            raise FloatingPointError(f"adapter {adapter!r} has non-finite weights: not sent")
+        return broadcast_buckets(self._sync_group, self._blocks(method, adapter), buckets, self.engine.device)
 
 
-class TrainingFleet:
-    """``spec.world_size`` Megatron ranks as Ray actors; also the rollout fleet's WeightSource."""
+class TrainingFleet(WeightSource):
+    """``spec.world_size`` Megatron ranks as Ray actors; the rollout fleet's ``WeightSource``."""
 
     def __init__(self, spec: TrainingFleetSpec, placement=None, call_timeout_s: float = 1800.0):
         self.spec = spec
@@ -125,15 +136,17 @@ class TrainingFleet:
             options = placement.train_options(rank) if placement is not None else {"num_cpus": 1}
             self.actors.append(actor_cls.options(**options).remote(rank, spec.world_size))
         master = ray.get(self.actors[0].rendezvous_address.remote())
-        self.pids = self._all("start", master, spec)
+        self.pids = self._wait(self._submit("start", master, spec), "start")
 
-    def _all(self, method: str, *args):
-        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+    def _submit(self, method: str, *args, **kwargs) -> list:
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def _wait(self, refs: list, what: str) -> list:
         try:
             return ray.get(refs, timeout=self.call_timeout_s)
         except ray.exceptions.GetTimeoutError as err:
             stuck = ray.wait(refs, num_returns=len(refs), timeout=0)[1]
-            raise TrainingRankDied(refs.index(stuck[0]), f"no answer to {method} in {self.call_timeout_s:g} s") from err
+            raise TrainingRankDied(refs.index(stuck[0]), f"no answer to {what} in {self.call_timeout_s:g} s") from err
         except ray.exceptions.RayError as err:
             # A dead rank also fails its peers' collectives (gloo/NCCL: connection closed), and
             # that error may arrive first: name the rank whose process is gone.
@@ -141,6 +154,10 @@ class TrainingFleet:
             if dead is None:
                 raise
             raise TrainingRankDied(dead[0], f"{type(dead[1]).__name__}: {str(dead[1])[:500]}") from err
+
+    def _all(self, method: str, *args, **kwargs) -> list:
+        """``engine.<method>`` on every rank (SPMD); every rank's answer, by rank."""
+        return self._wait(self._submit("call", method, *args, **kwargs), method)
 
     @staticmethod
     def _dead_rank(refs, wait_s: float = 30.0) -> tuple[int, Exception] | None:
@@ -154,42 +171,61 @@ class TrainingFleet:
                 continue
         return None
 
-    # The engine API, fleet-wide: every rank gets the call, rank 0 answers.
+    # ---- the engine API, fleet-wide: every rank gets the call, rank 0 answers -------------
     def compute_logprobs(self, batch, temperature: float = 1.0, with_entropy: bool = False,
                          adapter: str | None = DEFAULT_ADAPTER):
         return self._all("compute_logprobs", batch, temperature, with_entropy, adapter)[0]
 
-    def forward_backward(self, batch, loss_fn, temperature: float = 1.0) -> dict[str, float]:
-        return self._all("forward_backward", batch, loss_fn, temperature)[0]
+    def forward_backward(self, batch, loss_fn, temperature: float = 1.0, adapter: str = DEFAULT_ADAPTER):
+        return self._all("forward_backward", batch, loss_fn, temperature, adapter)[0]
 
-    def optim_step(self, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, grad_clip: float = 1.0):
-        return self._all("optim_step", lr, tuple(betas), weight_decay, grad_clip)[0]
+    def optim_step(self, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, grad_clip: float = 1.0,
+                   eps: float = 1e-8, adapter: str = DEFAULT_ADAPTER) -> dict[str, float]:
+        return self._all("optim_step", lr, tuple(betas), eps, weight_decay, grad_clip, adapter)[0]
 
-    def merged_state_dict(self):
-        return self._all("merged_state_dict")[0]
+    def add_adapter(self, name: str, lora: LoraConfig) -> None:
+        self._all("add_adapter", name, lora)
 
-    def export_peft_adapter(self, out_dir: str) -> None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self._all("export_peft_adapter", str(out_dir), self.spec.model_dir)
+    def remove_adapter(self, name: str) -> None:
+        self._all("remove_adapter", name)
 
-    def save_state(self, out_dir: str) -> dict[str, dict]:
+    def adapter_is_finite(self, adapter: str = DEFAULT_ADAPTER) -> bool:
+        """Whether every parameter of ``adapter`` on every rank is finite."""
+        return self._all("adapter_is_finite", adapter)[0]
+
+    def save_state(self, out_dir: str, adapter: str = DEFAULT_ADAPTER) -> dict[str, dict]:
         """Writes every rank's adapter and optimizer shard; returns their manifest entries."""
-        return {name: entry for entries in self._all("save_state", str(out_dir)) for name, entry in entries.items()}
+        entries = self._all("save_adapter_state", str(out_dir), adapter)
+        return {name: entry for rank_entries in entries for name, entry in rank_entries.items()}
 
-    def adapter_is_finite(self) -> bool:
-        """Whether every adapter parameter on every rank is finite."""
-        return self._all("adapter_is_finite")[0]
+    def load_state(self, in_dir: str, adapter: str = DEFAULT_ADAPTER, with_optimizer: bool = True) -> None:
+        self._all("load_adapter_state", str(in_dir), adapter, with_optimizer)
+
+    def export_hf_state_dict(self):
+        return self._all("export_hf_state_dict")[0]
+
+    def export_peft_adapter(self, out_dir: str, adapter: str = DEFAULT_ADAPTER) -> None:
+        """The adapter as a PEFT folder, written shard by shard (``parallel.peft_export``)."""
+        self._wait(self._submit("export_peft_adapter", str(out_dir), adapter), "export_peft_adapter")
 
     def check_files(self, root: str, entries: dict[str, dict]) -> list[str]:
         """Problems of the files ``entries`` lists under ``root``, the reading shared by the ranks."""
         listed = sorted(entries.items())
-        return [problem for problems in self._all("check_files", str(root), listed) for problem in problems]
+        refs = self._submit("check_files", str(root), listed)
+        return [problem for problems in self._wait(refs, "check_files") for problem in problems]
 
-    def load_state(self, in_dir: str) -> None:
-        self._all("load_state", str(in_dir))
+    # ---- WeightSource: every rank is a sender ------------------------------------------------
+    def pieces(self, method: str, adapter: str) -> list[list[Piece]]:
+        refs = self._submit("sync_pieces", method, adapter)
+        return [[Piece(*fields) for fields in rank] for rank in self._wait(refs, "sync_pieces")]
 
-    def export_hf_state_dict(self):
-        return self._all("export_hf_state_dict")[0]
+    def start_join(self, host: str, port: int, prefix: str, receivers: int):
+        refs = self._submit("join_weight_sync", host, port, prefix, receivers)
+        return lambda: self._wait(refs, "join_weight_sync")
+
+    def start_send(self, adapter: str, method: str, buckets: list[list[list[int]]]):
+        refs = [actor.send_weights.remote(adapter, method, buckets[r]) for r, actor in enumerate(self.actors)]
+        return lambda: self._wait(refs, "send_weights")
 
     def shutdown(self) -> None:
         for actor in self.actors:

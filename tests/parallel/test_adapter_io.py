@@ -159,7 +159,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def _single_process_checks(rank, world, moe_dir, dense_dir, out_dir):
-    from parallel.adapter_io import (export_peft_adapter, load_adapter_state, load_peft_adapter, merged_state_dict,
+    from parallel.peft_export import export_peft_adapter
+    from parallel.adapter_io import (load_adapter_state, load_peft_adapter, merged_state_dict,
                                      save_adapter_state)
     from parallel.lora import adapter_enabled, adapter_parameters
     from parallel.topology import ParallelConfig, init_parallel
@@ -276,7 +277,8 @@ def _sharded_checks(rank, world, moe_dir, out_dir):
     layout exports the adapter, and everything must be identical."""
     import torch.distributed as dist
 
-    from parallel.adapter_io import export_peft_adapter, load_adapter_state, save_adapter_state
+    from parallel.adapter_io import load_adapter_state, save_adapter_state
+    from parallel.peft_export import export_peft_adapter
     from parallel.lora import adapter_parameters
     from parallel.topology import ParallelConfig, init_parallel
 

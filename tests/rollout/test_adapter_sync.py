@@ -1,5 +1,5 @@
-"""Adapter sync on the dense tiny Qwen3: a PEFT export loaded as a vLLM LoRA gives the
-log-probs (and greedy tokens) of the merged weights."""
+"""Adapter sync on the dense tiny Qwen3: the adapter's tensors streamed to the engine and loaded
+as a vLLM LoRA give the log-probs (and greedy tokens) of the merged weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from rollout.batching import pack_groups
 from rollout.config import SamplingConfig
 from rollout.mismatch import measure_mismatch
-from rollout.sync import AdapterWeightSync, make_weight_sync
+from rollout.sync import WeightSync
 from rollout.reference import ATTENTION, DENSE_MLP, HFPolicy
 
 pytestmark = pytest.mark.slow
@@ -38,14 +38,14 @@ def assert_same_policy(fleet, reference: HFPolicy, version: int) -> dict[str, fl
 
 def test_adapter_round_trip_matches_merged_weights(start_fleet, vllm_dense_dir):
     fleet = start_fleet(vllm_dense_dir, weight_sync="adapter", max_lora_rank=8)
-    sync = make_weight_sync(fleet)
+    sync = WeightSync(fleet)
     try:
-        assert isinstance(sync, AdapterWeightSync)
+        assert sync.method == "adapter"
         assert_same_policy(fleet, HFPolicy(vllm_dense_dir), version=0)  # base, no adapter
 
         policy = HFPolicy(vllm_dense_dir)
         policy.add_random_lora(ATTENTION + DENSE_MLP, rank=8, seed=11)
-        report = sync.push(policy)
+        report = sync.push(policy.source())
         assert (report.method, report.version, report.engines) == ("adapter", 1, 1)
         checkpoint_bytes = (vllm_dense_dir / "model.safetensors").stat().st_size
         assert 0 < report.bytes < checkpoint_bytes  # rank 8 of hidden 64: a fraction of the model
@@ -53,7 +53,7 @@ def test_adapter_round_trip_matches_merged_weights(start_fleet, vllm_dense_dir):
 
         second = HFPolicy(vllm_dense_dir)
         second.add_random_lora(ATTENTION, rank=8, seed=12)
-        assert sync.push(second).version == 2
+        assert sync.push(second.source()).version == 2
         assert fleet.call(0, "loaded_adapters") == [2]  # the previous adapter was removed
         assert_same_policy(fleet, merged_reference(second, vllm_dense_dir), version=2)
     finally:

@@ -19,7 +19,7 @@ from rollout.batching import pack_groups
 from rollout.config import SamplingConfig
 from rollout.fleet import EngineError
 from rollout.mismatch import measure_mismatch
-from rollout.sync import MergedWeightSync, make_weight_sync
+from rollout.sync import LocalWeightSource, WeightSync, whole_tensor_blocks
 from rollout.reference import ATTENTION, HFPolicy
 
 pytestmark = pytest.mark.slow
@@ -45,9 +45,15 @@ def policy(vllm_moe_dir):
 
 @pytest.fixture(scope="module")
 def sync(fleet):
-    sync = make_weight_sync(fleet)
+    sync = WeightSync(fleet)
     yield sync
     sync.close()
+
+
+@pytest.fixture(scope="module")
+def source(policy):
+    """The policy as the sync's sender (its current weights whenever the sync asks)."""
+    return policy.source()
 
 
 def assert_matches(fleet, policy) -> dict[str, float]:
@@ -121,20 +127,19 @@ def test_fp32_engine_matches_reference(fleet, policy):
     assert_matches(fleet, policy)
 
 
-def test_merged_sync_refuses_partial_state_dict(fleet, sync, policy):
-    class Partial:
-        def merged_state_dict(self):
-            state = policy.merged_state_dict()
-            state.pop("model.layers.0.mlp.experts.3.down_proj.weight")
-            return state
+def test_merged_sync_refuses_partial_state_dict(fleet, policy):
+    def partial(method, adapter):
+        state = policy.merged_state_dict()
+        state.pop("model.layers.0.mlp.experts.3.down_proj.weight")
+        return whole_tensor_blocks(state)
 
     with pytest.raises(ValueError, match="1 missing"):
-        sync.push(Partial())
+        WeightSync(fleet).push(LocalWeightSource(partial))
     assert fleet.version == 0
 
 
-def test_merged_sync_after_lora_update(fleet, policy, sync, vllm_moe_dir):
-    assert isinstance(sync, MergedWeightSync)
+def test_merged_sync_after_lora_update(fleet, policy, sync, source, vllm_moe_dir):
+    assert sync.method == "merged"
     old = pack_groups(fleet.generate(PROMPTS, 2, SAMPLING))
     policy.add_random_lora(ATTENTION)
 
@@ -145,18 +150,19 @@ def test_merged_sync_after_lora_update(fleet, policy, sync, vllm_moe_dir):
     mask = stale_greedy.response_mask
     assert (policy.greedy_tokens(stale_greedy)[mask] != stale_greedy.input_ids[mask]).any()
 
-    report = sync.push(policy)
+    report = sync.push(source)
     checkpoint_bytes = (vllm_moe_dir / "model.safetensors").stat().st_size
     assert (report.method, report.version, report.engines) == ("merged", 1, 2)
-    assert abs(report.bytes - checkpoint_bytes) < 0.01 * checkpoint_bytes
-    assert 0 < report.load_seconds <= report.seconds and 0 < report.stage_seconds
+    assert abs(report.bytes - checkpoint_bytes) < 0.01 * checkpoint_bytes  # every engine got the whole model
+    assert report.bytes_per_sender == [report.bytes]  # one sender, streamed once to both engines
+    assert 0 < report.largest_buffer <= report.bucket_bytes and report.seconds > 0
     assert fleet.version == 1
     groups = fleet.generate(PROMPTS, 2, SAMPLING)
     assert {c.policy_version for g in groups for c in g.completions} == {1}
     assert_matches(fleet, policy)
 
 
-def test_killed_engine_is_named_and_replaced(fleet, policy):
+def test_killed_engine_is_named_and_replaced(fleet, policy, sync, source):
     big = [[1, 10 + i % 40, 11, 12] for i in range(64)]
     outcome: dict[str, object] = {}
 
@@ -184,7 +190,9 @@ def test_killed_engine_is_named_and_replaced(fleet, policy):
     assert "rollout engine 1" in str(error) and "during generate" in str(error)
     assert "Actor" in error.cause  # Ray's own description of the death
 
-    fleet.restart_engine(1)
+    fleet.restart_engine(1)  # base weights until the policy is pushed again, into new groups
+    sync.connect(source)
+    sync.push(source, version=fleet.version)
     groups = fleet.generate(PROMPTS, 2, SAMPLING)
     assert {c.policy_version for g in groups[3:] for c in g.completions} == {1}
     assert_matches(fleet, policy)  # the new engine runs the synced weights
