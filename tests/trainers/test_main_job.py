@@ -201,6 +201,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_a_second_driver_is_refused
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
     args = overrides(run_dir, cache) + ["trainer.checkpoint_every=10"]
     proc = start(args, log)
+    session = os.getsid(proc.pid)
     wait_for(lambda: "training fleet:" in log.read_text(), proc, log)
     # The same command again (a Slurm requeue while the job still runs): refused at once.
     second_log = tmp_path / "second.txt"
@@ -221,7 +222,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_a_second_driver_is_refused
     done = max(r["step"] for r in rows(run_dir))
     assert (run_dir / "checkpoints" / f"step_{done:06d}" / "COMPLETE").is_file(), "no checkpoint at the boundary"
     assert f"Stopped by SIGTERM after step {done} (checkpointed)" in text and done < STEPS
-    assert not session_processes(os.getsid(proc.pid), "ray::"), "fleet processes left behind"
+    assert not session_processes(session, "ray::"), "fleet processes left behind"
 
     log2 = tmp_path / "log-resumed.txt"
     finish(start(args, log2), log2)
