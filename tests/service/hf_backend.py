@@ -45,7 +45,20 @@ DENSE_MLP = ["gate_proj", "up_proj", "down_proj"]
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 PLACEHOLDER = "idle"
 LORA_ALPHA = 32
-MICRO_BATCH = 8
+MICRO_TOKENS = 2048  # padded tokens per forward: bounds the [tokens, 151936] logits
+
+
+def micro_batches(data: list[Datum]) -> list[list[Datum]]:
+    """Consecutive datums grouped so that each group's padded size stays within MICRO_TOKENS."""
+    groups: list[list[Datum]] = []
+    for datum in data:
+        group = groups[-1] if groups else None
+        longest = max([d.tokens.numel() for d in group] + [datum.tokens.numel()]) if group else 0
+        if group is None or longest * (len(group) + 1) > MICRO_TOKENS:
+            groups.append([datum])
+        else:
+            group.append(datum)
+    return groups
 
 
 def lora_config(spec: AdapterSpec, moe: bool) -> LoraConfig:
@@ -152,8 +165,7 @@ class HFBackend:
             check_inputs(loss, datum.loss_fn_inputs, datum.tokens.numel(), f"data[{i}].loss_fn_inputs")
         base, _ = self._enter(adapter_id)
         outputs, total = [], 0.0
-        for start in range(0, len(data), MICRO_BATCH):
-            chunk = data[start:start + MICRO_BATCH]
+        for chunk in micro_batches(data):
             with torch.set_grad_enabled(not forward_only):
                 logprobs = self._target_logprobs(base, chunk)
                 losses = [datum_loss(loss, lp, d.loss_fn_inputs, config) for lp, d in zip(logprobs, chunk)]

@@ -15,6 +15,7 @@ from rlcore.validation import ConfigError, check_int, check_range
 
 SCHEMA_NAME = "serve_schema"
 TINY = "tiny"  # a base_models value: the embedded tiny Qwen3-vocabulary MoE, built on first use
+TINY_NAME = "trillora/tiny-qwen3-moe"  # what an empty base_models serves
 # Short names for backend factories; any ``module:callable`` works as well.
 BACKENDS = {"hf_reference": "tests.service.hf_backend:HFBackend"}
 
@@ -104,7 +105,9 @@ class ServiceConfig:
     port: int = 8900  # 0: any free port (the printed URL names it)
     state_dir: str = "outputs/service"
     db_url: str = ""  # empty: SQLite (WAL) at <state_dir>/service.db
-    base_models: dict[str, str] = field(default_factory=lambda: {"trillora/tiny-qwen3-moe": TINY})
+    # Served name -> HF checkpoint directory (or "tiny"); empty: the embedded tiny model as
+    # TINY_NAME. Hydra adds dict keys with ``++``: ``++service.base_models={Qwen/Qwen3-8B: /ckpt}``.
+    base_models: dict[str, str] = field(default_factory=dict)
     backend: BackendConfig = field(default_factory=BackendConfig)
     price: PriceConfig = field(default_factory=PriceConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
@@ -113,8 +116,7 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         check_int("service.port", self.port, ge=0, le=65535)
-        if not self.base_models:
-            raise ConfigError("service.base_models", self.base_models, "must serve at least one model")
+        self.base_models = dict(self.base_models) or {TINY_NAME: TINY}
         for name, path in self.base_models.items():
             if "/" in name and name.count("/") > 1 or not name:
                 raise ConfigError(f"service.base_models.{name}", path, "a served name is ORG/NAME or NAME")

@@ -7,7 +7,9 @@ the process dies harder (SIGKILL) is redone on the next start (``Executor.restor
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
 
 import uvicorn
@@ -18,6 +20,17 @@ from trainers.service.service import Service
 
 
 class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """SIGTERM/SIGINT start the graceful shutdown; unlike uvicorn's own handling the
+        signal is not re-raised afterwards, so a clean stop exits with status 0."""
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.started:
