@@ -115,13 +115,16 @@ class Store:
             conn.execute(models.insert().values(created_at=now, last_request_at=now, next_seq=0, applied_seq=-1,
                                                 **values))
 
-    def model(self, key_id: int | None, model_id: str) -> Row | None:
-        """The model ``model_id`` if ``key_id`` owns it (None: any owner, the scheduler's view)."""
-        query = select(models).where(models.c.id == model_id)
+    def _owned(self, table, row_id: str, key_id: int | None) -> Row | None:
+        """Row ``row_id`` of ``table`` if ``key_id`` owns it (None: any owner, the scheduler's view)."""
+        query = select(table).where(table.c.id == row_id)
         if key_id is not None:
-            query = query.where(models.c.key_id == key_id)
+            query = query.where(table.c.key_id == key_id)
         with self.engine.connect() as conn:
             return conn.execute(query).first()
+
+    def model(self, key_id: int | None, model_id: str) -> Row | None:
+        return self._owned(models, model_id, key_id)
 
     def list_models(self, key_id: int, limit: int | None = None, offset: int = 0,
                     session_id: str | None = None) -> tuple[list[Row], int]:
@@ -186,16 +189,7 @@ class Store:
         return None
 
     def request(self, key_id: int | None, request_id: str) -> Row | None:
-        query = select(requests).where(requests.c.id == request_id)
-        if key_id is not None:
-            query = query.where(requests.c.key_id == key_id)
-        with self.engine.connect() as conn:
-            return conn.execute(query).first()
-
-    def statuses(self, request_ids: list[str]) -> dict[str, str]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(requests.c.id, requests.c.status).where(requests.c.id.in_(request_ids)))
-            return {r.id: r.status for r in rows}
+        return self._owned(requests, request_id, key_id)
 
     # --- checkpoints --------------------------------------------------------------------
     def put_checkpoint(self, conn, **values: Any) -> None:
