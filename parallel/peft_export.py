@@ -39,7 +39,7 @@ def _write_rank_shard(model: nn.Module, arch, hf_config, adapter: str, shard_dir
 
     rank, _ = _rank_world()
     blocks = adapter_blocks(model, arch, hf_config, adapter)
-    tensors = {f"{i}": b.make() for i, b in enumerate(blocks)}
+    tensors = {f"{i}": b.make().clone() for i, b in enumerate(blocks)}  # a fused module's parts share A
     atomic_write(shard_dir / f"rank-{rank}.safetensors", lambda p: save_file(tensors, str(p)))
     atomic_write(shard_dir / f"rank-{rank}.json", lambda p: p.write_text(json.dumps([asdict(b.meta) for b in blocks])))
 
