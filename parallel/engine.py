@@ -121,6 +121,10 @@ class TrainingEngine:
         self.optimizers[name] = ShardedAdamW(named)
         self._loss_finite[name] = True
 
+    def adapter_names(self) -> list[str]:
+        """The trainable adapters (``DEFAULT_ADAPTER`` also when the whole model trains)."""
+        return list(self.optimizers)
+
     def remove_adapter(self, name: str) -> None:
         remove_lora(self.model, name)
         self.optimizers.pop(name)
@@ -197,7 +201,7 @@ class TrainingEngine:
         micro_batches, seq_len = self._micro_batches(batch)
 
         def loss_func(mb, logits):
-            out = {"logprobs": token_logprobs(logits, mb.data["input_ids"], temperature)}
+            out = {"logprobs": _token_logprobs(logits, mb, temperature)}
             if with_entropy:
                 out["entropy"] = token_entropy(logits, temperature)
             return logits.new_zeros(()), logits.new_zeros((), dtype=torch.int), out
@@ -209,16 +213,16 @@ class TrainingEngine:
             return logprobs
         return logprobs, self._gather_rows(micro_batches, [s["entropy"] for s in stored], shape)
 
-    def forward_backward(self, batch: dict, loss_fn, temperature: float = 1.0,
-                         adapter: str = DEFAULT_ADAPTER) -> dict[str, float]:
+    def forward_backward(self, batch: dict, loss_fn, temperature: float = 1.0, adapter: str = DEFAULT_ADAPTER,
+                         return_logprobs: bool = False):
         """Accumulates ``adapter``'s gradients of the summed ``loss_fn`` over the batch; returns
-        summed metrics."""
+        summed metrics (and, with ``return_logprobs``, the [B, T] log-probs the loss saw)."""
         with self._using(adapter):
-            totals = self._forward_backward(batch, loss_fn, temperature)
+            totals, logprobs = self._forward_backward(batch, loss_fn, temperature, return_logprobs)
         self._loss_finite[adapter] &= math.isfinite(totals.get("loss", 0.0))
-        return totals
+        return (totals, logprobs) if return_logprobs else totals
 
-    def _forward_backward(self, batch: dict, loss_fn, temperature: float) -> dict[str, float]:
+    def _forward_backward(self, batch: dict, loss_fn, temperature: float, return_logprobs: bool):
         self.model.train()
         micro_batches, seq_len = self._micro_batches(batch)
         totals = {"global_num_tokens": batch["loss_mask"].sum().to(self.device),
@@ -228,16 +232,22 @@ class TrainingEngine:
         def loss_func(mb, logits):
             n = mb.num_real
             if n == 0:  # a padding micro-batch: backward still runs (its collectives must match)
-                return logits.sum() * 0.0, logits.new_zeros((), dtype=torch.int), {}
-            logprobs = _fit_length(token_logprobs(logits, mb.data["input_ids"], temperature)[:n], full_len)
+                return logits.sum() * 0.0, logits.new_zeros((), dtype=torch.int), {"metrics": {}}
+            logprobs = _fit_length(_token_logprobs(logits, mb, temperature)[:n], full_len)
             rows = {k: _fit_length(v[:n], full_len) if k in mb.seq_keys else v[:n] for k, v in mb.data.items()}
             loss, metrics = loss_fn(logprobs, {**rows, **totals})
             metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
                        for k, v in {"loss": loss, **metrics}.items()}
-            return loss, torch.tensor(n, device=logits.device), metrics
+            kept = {"logprobs": logprobs.detach()} if return_logprobs else {}
+            return loss, torch.tensor(n, device=logits.device), {"metrics": metrics, **kept}
 
         stored = self._run(micro_batches, seq_len, loss_func, forward_only=False)
-        return self._sum_metrics(stored)
+        logprobs = None
+        if return_logprobs:
+            empty = torch.zeros((0, full_len), device=self.device)
+            logprobs = self._gather_rows(micro_batches, [s.get("logprobs", empty) for s in stored],
+                                         tuple(batch["input_ids"].shape))
+        return self._sum_metrics([s["metrics"] for s in stored]), logprobs
 
     def _sum_metrics(self, stored: list[dict]) -> dict[str, float]:
         """Sums micro-batch metrics over micro-batches and DP ranks, and shares them with every rank."""
@@ -308,6 +318,11 @@ class TrainingEngine:
     def export_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's weights in HF names on global rank 0 (``{}`` elsewhere); collective."""
         return export_hf_state_dict(self.model, self.arch, self.hf_config)
+
+
+def _token_logprobs(logits: torch.Tensor, mb: _MicroBatch, temperature: float) -> torch.Tensor:
+    """The micro-batch's log-probs: of its next tokens, or of its ``target_ids`` when it has them."""
+    return token_logprobs(logits, mb.data["input_ids"], temperature, mb.data.get("target_ids"))
 
 
 def _ceil_div(a: int, b: int) -> int:

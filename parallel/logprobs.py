@@ -23,13 +23,21 @@ def _shift(per_position: torch.Tensor) -> torch.Tensor:
     return F.pad(per_position[:, :-1], (1, 0))
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[B, T] log-probs of ``input_ids`` under ``logits`` [B, T, V/TP] / temperature, aligned (see module)."""
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
+                   target_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] log-probs of ``input_ids`` under ``logits`` [B, T, V/TP] / temperature, aligned (see module).
+
+    With ``target_ids`` [B, T]: the log-probs of those targets instead, at the positions that
+    predict them (``out[:, t] = log p(target_ids[:, t] | input_ids[:, :t+1])``, no shift): a
+    caller's own targets (Tinker's datums), not necessarily the next input tokens.
+    """
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     scaled = logits.float() / temperature  # fp32 log-probs, whatever the model's dtype
-    targets = torch.roll(input_ids, shifts=-1, dims=1)  # position t predicts token t+1
     # megatron's kernel shifts its input in place; ``scaled`` is a fresh tensor
+    if target_ids is not None:
+        return -vocab_parallel_cross_entropy(scaled, target_ids)
+    targets = torch.roll(input_ids, shifts=-1, dims=1)  # position t predicts token t+1
     return _shift(-vocab_parallel_cross_entropy(scaled, targets))
 
 

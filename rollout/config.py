@@ -138,6 +138,10 @@ class SamplingConfig:
     # Base seed: prompt i of a call is sampled with a seed derived from (seed, i). A caller
     # that passes per-prompt seeds to generate() overrides it. None: unseeded.
     seed: int | None = None
+    ignore_eos: bool = False  # sample past the end-of-sequence token (until max_tokens or a stop)
+    # Score the prompt too: None off; 0 the prompt tokens' own log-probs; k > 0 also the k
+    # likeliest tokens at each position.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         name = lambda f: f"rollout.sampling.{f}"  # noqa: E731
@@ -152,6 +156,9 @@ class SamplingConfig:
             check_int(name("stop_token_ids"), token_id, ge=0)
         if self.seed is not None:
             check_int(name("seed"), self.seed, ge=0)
+        _check_bool(name("ignore_eos"), self.ignore_eos)
+        if self.prompt_logprobs is not None:
+            check_int(name("prompt_logprobs"), self.prompt_logprobs, ge=0)
 
 
 @dataclass

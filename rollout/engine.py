@@ -123,20 +123,23 @@ class RolloutEngine:
                 stop_token_ids=list(sampling.stop_token_ids),
                 seed=seed,
                 logprobs=0,  # only the sampled token's log-prob
+                ignore_eos=sampling.ignore_eos,
+                prompt_logprobs=sampling.prompt_logprobs,
             )
             for seed in seeds
         ]
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
         version = self.version
         outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
-        return [
-            SampleGroup(
-                prompt_token_ids=list(output.prompt_token_ids),
-                completions=[self._completion(c, len(output.prompt_token_ids), version)
-                             for c in sorted(output.outputs, key=lambda c: c.index)],
-            )
-            for output in outputs
-        ]
+        groups = []
+        for output in outputs:
+            group = SampleGroup(prompt_token_ids=list(output.prompt_token_ids),
+                                completions=[self._completion(c, len(output.prompt_token_ids), version)
+                                             for c in sorted(output.outputs, key=lambda c: c.index)])
+            if sampling.prompt_logprobs is not None:
+                group.prompt_logprobs, group.prompt_topk = _prompt_scores(output, sampling.prompt_logprobs)
+            groups.append(group)
+        return groups
 
     def _completion(self, output, prompt_tokens: int, version: int) -> Completion:
         token_ids = list(output.token_ids)
@@ -183,6 +186,20 @@ class RolloutEngine:
     def loaded_adapters(self) -> list[int]:
         """LoRA ids vLLM holds (adapter sync keeps exactly the current one)."""
         return sorted(self.llm.llm_engine.list_loras())
+
+
+def _prompt_scores(output, k: int) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+    """The prompt tokens' log-probs (None at 0) and the k likeliest tokens at each position."""
+    own, topk = [], []
+    for token, position in zip(output.prompt_token_ids, output.prompt_logprobs):
+        if position is None:
+            own.append(None)
+            topk.append([])
+            continue
+        own.append(position[token].logprob)
+        ranked = sorted(((t, lp.logprob) for t, lp in position.items()), key=lambda item: -item[1])
+        topk.append(ranked[:k])
+    return own, topk
 
 
 RolloutEngineActor = ray.remote(RolloutEngine)

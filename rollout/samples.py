@@ -40,3 +40,7 @@ class SampleGroup:
 
     prompt_token_ids: list[int]
     completions: list[Completion]
+    # With ``SamplingConfig.prompt_logprobs`` set: log p(prompt[i] | prompt[:i]) per position
+    # (None at 0), and the ``prompt_logprobs`` likeliest (token, log-prob) pairs per position.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_topk: list[list[tuple[int, float]]] | None = None

@@ -46,6 +46,10 @@ class WeightSource(ABC):
         """Starts every sender's joining of its group (sender r: ``{prefix}-{r}``, rank 0 of
         1 + receivers); returns a wait()."""
 
+    def check(self, adapter: str) -> None:
+        """Raises if ``adapter``'s weights must not be sent (say, non-finite): called before
+        any engine starts waiting for them."""
+
     @abstractmethod
     def start_send(self, adapter: str, method: str, buckets: list[list[list[int]]]) -> Callable[[], list[dict]]:
         """Starts every sender's broadcasts (sender r: ``buckets[r]``); returns a wait() that
@@ -105,6 +109,7 @@ class WeightSync:
         if self._connected is not source:
             self.connect(source)
         steps, buckets = self.plan(source, adapter)
+        source.check(adapter)
         version = self.fleet.version + 1 if version is None else version
         start = time.perf_counter()
         wait_send = source.start_send(adapter, self.method, buckets)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from rlcore.validation import ConfigError, check_int
-from rollout.config import VLLM_LORA_RANKS, EngineConfig, RolloutConfig, SamplingConfig
+from rollout.config import VLLM_LORA_RANKS, EngineConfig, RolloutConfig, SamplingConfig, check_engine_for_model
 
 TRAIN_LR = 1e-2  # large enough for a few steps to move the policy visibly
 
@@ -173,6 +173,7 @@ def main(argv=None) -> int:
                               kv_cache_gib=args.kv_cache_gib,
                               max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= args.lora_rank))
         RolloutConfig(engine=engine, engines=args.engines)
+        check_engine_for_model(engine)
         SamplingConfig(temperature=args.temperature, max_tokens=args.max_tokens)
     except ConfigError as error:
         print(f"invalid configuration: {error}", file=sys.stderr)

@@ -172,10 +172,11 @@ class GRPOStep:
         before_update()
         with timer("update"):
             metrics.update(self.update(train_batch, packed.group_ids[train_batch.pop("row_index")], step))
-        if not self.training.adapter_is_finite():
-            raise NonFiniteTraining(step, "the adapter weights are not finite after the update (not synced)")
         with timer("sync"):
-            report = self.recover(lambda: self.sync.push(self.training))
+            try:  # the sync checks the weights on every rank before any engine waits for them
+                report = self.recover(lambda: self.sync.push(self.training))
+            except FloatingPointError as err:
+                raise NonFiniteTraining(step, f"{err} (after the update)") from None
         metrics.update({"sync/bytes": report.bytes, "sync/seconds": report.seconds, "sync/version": report.version,
                         "sync/largest_buffer": report.largest_buffer})
         step_seconds = time.perf_counter() - begin

@@ -32,6 +32,9 @@ from trainers.checkpointing import CheckpointManager, write_json_atomic
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
+# What a directory holds besides a run: the lock, and the cluster launcher's own files (Slurm's
+# output, a job's Ray token: trainers.launch.slurm.LAUNCH_DIR), which belong to whichever run.
+NOT_A_RUN = (LOCK_FILE, "launch")
 HEARTBEAT_S = 10.0
 LEASE_S = 60.0
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -155,7 +158,7 @@ def check_resume_compatible(saved: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 def _holds_files(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    return run_dir.is_dir() and any(p.name not in NOT_A_RUN for p in run_dir.iterdir())
 
 
 def _next_free(run_dir: Path) -> Path:
@@ -201,7 +204,7 @@ def open_run_dir(config: dict[str, Any], run_dir: str | Path, resume: str, if_ex
                               "directory beside it, or trainer.if_run_dir_exists=overwrite to delete it")
         log(f"trainer.if_run_dir_exists=overwrite: deleting the previous contents of {path}")
         for entry in path.iterdir():
-            if entry.name != LOCK_FILE:
+            if entry.name not in NOT_A_RUN:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     write_config(path, config)
     return OpenedRunDir(path, lock, resume=False)

@@ -119,8 +119,6 @@ class TrainingRank:
     def send_weights(self, adapter: str, method: str, buckets: list[list[int]]) -> dict[str, int]:
         from rollout.sync_plan import broadcast_buckets
 
-        if not self.engine.adapter_is_finite(adapter):  # collective: every rank refuses together
-            raise FloatingPointError(f"adapter {adapter!r} has non-finite weights: not sent")
         return broadcast_buckets(self._sync_group, self._blocks(method, adapter), buckets, self.engine.device)
 
 
@@ -176,12 +174,16 @@ class TrainingFleet(WeightSource):
                          adapter: str | None = DEFAULT_ADAPTER):
         return self._all("compute_logprobs", batch, temperature, with_entropy, adapter)[0]
 
-    def forward_backward(self, batch, loss_fn, temperature: float = 1.0, adapter: str = DEFAULT_ADAPTER):
-        return self._all("forward_backward", batch, loss_fn, temperature, adapter)[0]
+    def forward_backward(self, batch, loss_fn, temperature: float = 1.0, adapter: str = DEFAULT_ADAPTER,
+                         return_logprobs: bool = False):
+        return self._all("forward_backward", batch, loss_fn, temperature, adapter, return_logprobs)[0]
 
     def optim_step(self, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, grad_clip: float = 1.0,
                    eps: float = 1e-8, adapter: str = DEFAULT_ADAPTER) -> dict[str, float]:
         return self._all("optim_step", lr, tuple(betas), eps, weight_decay, grad_clip, adapter)[0]
+
+    def zero_grad(self, adapter: str = DEFAULT_ADAPTER) -> None:
+        self._all("zero_grad", adapter)
 
     def add_adapter(self, name: str, lora: LoraConfig) -> None:
         self._all("add_adapter", name, lora)
@@ -218,6 +220,14 @@ class TrainingFleet(WeightSource):
     def pieces(self, method: str, adapter: str) -> list[list[Piece]]:
         refs = self._submit("sync_pieces", method, adapter)
         return [[Piece(*fields) for fields in rank] for rank in self._wait(refs, "sync_pieces")]
+
+    def check(self, adapter: str) -> None:
+        """A policy with non-finite weights is never sent (checked on every rank)."""
+        if adapter in self.adapters() and not self.adapter_is_finite(adapter):
+            raise FloatingPointError(f"adapter {adapter!r} has non-finite weights: not sent to the engines")
+
+    def adapters(self) -> list[str]:
+        return self._all("adapter_names")[0]
 
     def start_join(self, host: str, port: int, prefix: str, receivers: int):
         refs = self._submit("join_weight_sync", host, port, prefix, receivers)

@@ -10,6 +10,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from trainers.config import register_configs
+
+register_configs()
+
 
 @hydra.main(config_path="../../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:

@@ -34,7 +34,7 @@ def test_the_job_runs_on_both_nodes_and_leaves_nothing(tmp_path, model_cache):
     run_dir = tmp_path / "run"
     job_id = submit(tmp_path / "out", [*overrides(run_dir, model_cache, STEPS), "launch.time_limit=30:00"])
     state = wait_for_job(job_id, timeout_s=800)
-    log = (run_dir / f"slurm-{job_id}.out").read_text()
+    log = (run_dir / "launch" / f"slurm-{job_id}.out").read_text()
     assert state == "COMPLETED", log[-6000:]
     assert "all 2 Ray nodes joined" in log and "trillora: driver exited with 0" in log
     assert [r["step"] for r in rows(run_dir)] == list(range(STEPS + 1)), "every step once"
@@ -42,7 +42,7 @@ def test_the_job_runs_on_both_nodes_and_leaves_nothing(tmp_path, model_cache):
     nodes = placement_nodes(log)
     assert len(set(nodes["training ranks"])) == 2, nodes
     assert wait_until_gone(job_id) == []
-    assert not list(run_dir.glob(".ray-auth-*")), "the job's Ray token is removed"
+    assert not list((run_dir / "launch").glob(".ray-auth-*")), "the job's Ray token is removed"
 
 
 def test_scancel_stops_every_process_and_the_checkpoint_resumes(tmp_path, model_cache):

@@ -33,7 +33,7 @@ def test_the_script_asks_slurm_for_the_launch_group_sizes():
                       "launch.sbatch_extra=['--qos=high','--exclusive']", "trainer.run_dir=/shared/runs/r1")
     assert sbatch_options(script) == [
         "--job-name=trillora", "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=32", "--time=2-00:00:00",
-        "--output=/shared/runs/r1/slurm-%j.out", "--partition=gpu", "--gpus-per-node=8", "--mem=500G",
+        "--output=/shared/runs/r1/launch/slurm-%j.out", "--partition=gpu", "--gpus-per-node=8", "--mem=500G",
         "--qos=high", "--exclusive"]
     assert "--num-gpus=8" in script and script.count("--node-manager-port=") == 4
 

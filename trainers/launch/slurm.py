@@ -16,6 +16,10 @@ from trainers.launch.job import Job
 from trainers.launch.ray_cluster import ray_start_flags
 
 
+# The launcher's own files (Slurm's output, the job's Ray token) in the run directory: part of
+# the run, never counted as another run's files (trainers.run_dir).
+LAUNCH_DIR = "launch"
+
 def absolute(path: str) -> Path:
     """A path of the config as the job sees it: relative ones are relative to this checkout,
     the job's working directory on every node."""
@@ -42,7 +46,7 @@ def render(job: Job) -> str:
     return launch_job.render(
         "slurm.sbatch",
         job_name=cfg.job_name, nodes=cfg.nodes, cpus_per_node=cfg.cpus_per_node, time_limit=cfg.time_limit,
-        output=run_dir / "slurm-%j.out", sbatch_lines="\n".join(sbatch_lines(job)),
+        output=run_dir / LAUNCH_DIR / "slurm-%j.out", sbatch_lines="\n".join(sbatch_lines(job)),
         workdir=shlex.quote(str(launch_job.REPO)), python=shlex.quote(str(venv / "bin" / "python")),
         ray=shlex.quote(str(venv / "bin" / "ray")), run_dir=shlex.quote(str(run_dir)),
         join_timeout_s=cfg.join_timeout_s, ray_port=cfg.ray_port,
@@ -60,8 +64,8 @@ def write(job: Job, out_dir: Path) -> Path:
 
 
 def submit(job: Job, script: Path) -> str:
-    """Submits ``script``; the job id. The run directory must exist for Slurm's output file."""
-    absolute(job.launch.run_dir).mkdir(parents=True, exist_ok=True)
+    """Submits ``script``; the job id. The folder of Slurm's output file must exist."""
+    (absolute(job.launch.run_dir) / LAUNCH_DIR).mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"sbatch {script} failed ({done.returncode}): {done.stderr.strip()}")

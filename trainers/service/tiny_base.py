@@ -15,7 +15,7 @@ import torch
 from parallel.arch.qwen3_vocab import MODEL_VOCAB_SIZE, TOKEN_IDS, build_qwen3_tokenizer
 from parallel.arch.tiny import TinyModelSpec, build_config
 
-SPEC = TinyModelSpec(arch="qwen3_moe", vocab=MODEL_VOCAB_SIZE, hidden=32, heads=2, kv_heads=1, head_dim=16,
+SPEC = TinyModelSpec(arch="qwen3_moe", vocab=MODEL_VOCAB_SIZE, hidden=32, heads=2, kv_heads=1, head_dim=32,
                      experts=4, topk=2, moe_ffn=32, dense_ffn=64, max_positions=4096, init_std=0.05, seed=0)
 
 
