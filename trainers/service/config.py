@@ -118,13 +118,18 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         check_int("service.port", self.port, ge=0, le=65535)
-        self.base_models = dict(self.base_models) or {TINY_NAME: TINY}
-        for name, path in self.base_models.items():
+        for name, path in self.served_models.items():
             if "/" in name and name.count("/") > 1 or not name:
                 raise ConfigError(f"service.base_models.{name}", path, "a served name is ORG/NAME or NAME")
             if path != TINY and not (Path(path) / "config.json").is_file():
                 raise ConfigError(f"service.base_models.{name}", path,
                                   f"must be an HF checkpoint directory or {TINY!r}")
+
+    @property
+    def served_models(self) -> dict[str, str]:
+        """``base_models``, or the embedded tiny model when it is empty (a property, not a
+        rewrite of the field: a config system fills defaults before the user's values)."""
+        return dict(self.base_models) or {TINY_NAME: TINY}
 
     @property
     def resolved_db_url(self) -> str:

@@ -282,7 +282,8 @@ def _result(group, request: SampleRequest) -> SampleResult:
     result = SampleResult(sequences)
     if group.prompt_logprobs is not None:
         result.prompt_logprobs = [float("nan") if lp is None else lp for lp in group.prompt_logprobs]
-    if request.topk_prompt_logprobs > 0 and group.prompt_topk is not None:
-        result.topk_prompt = ([[t for t, _ in pos] for pos in group.prompt_topk],
-                              [[lp for _, lp in pos] for pos in group.prompt_topk])
+    k = request.topk_prompt_logprobs
+    if k > 0 and group.prompt_topk is not None:  # the unscored first position: k placeholders
+        ranked = [pos or [(0, float("nan"))] * k for pos in group.prompt_topk]
+        result.topk_prompt = ([[t for t, _ in pos] for pos in ranked], [[lp for _, lp in pos] for pos in ranked])
     return result

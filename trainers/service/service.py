@@ -67,7 +67,7 @@ def resolve_base_models(cfg: ServiceConfig) -> dict[str, str]:
     from trainers.service.tiny_base import build_tiny_base
 
     out = {}
-    for name, path in cfg.base_models.items():
+    for name, path in cfg.served_models.items():
         out[name] = str(build_tiny_base(Path(cfg.state_dir) / "base" / name.replace("/", "--"))) if path == TINY else path
     return out
 
