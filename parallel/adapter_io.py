@@ -304,6 +304,24 @@ def save_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer, out_d
     return {path.name: file_entry(path)}
 
 
+def _saved_records(in_dir: str | Path) -> dict[str, list[dict]]:
+    """Every saved slice record of ``save_adapter_state``'s files, by canonical name (mmapped)."""
+    files = sorted(Path(in_dir).glob("adapter-state-rank*.pt"))
+    if not files:
+        raise FileNotFoundError(f"{in_dir}: no adapter-state-rank*.pt files")
+    saved: dict[str, list[dict]] = {}
+    for f in files:
+        for name, record in torch.load(f, mmap=True, weights_only=True).items():
+            saved.setdefault(name, []).append(record)
+    return saved
+
+
+def read_adapter_state(in_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full factors ``save_adapter_state`` wrote (canonical name -> tensor), without a model."""
+    return {name: _full_from_records(name, records, lambda r: r["value"])
+            for name, records in _saved_records(in_dir).items()}
+
+
 def load_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, in_dir: str | Path,
                        adapter: str = DEFAULT_ADAPTER) -> None:
     """Restores adapter slices and optimizer state saved by ``save_adapter_state``.
@@ -314,13 +332,7 @@ def load_adapter_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
     may differ from the one that saved; scalar state (``step``) is copied. With
     ``optimizer=None`` only the weights are restored.
     """
-    files = sorted(Path(in_dir).glob("adapter-state-rank*.pt"))
-    if not files:
-        raise FileNotFoundError(f"{in_dir}: no adapter-state-rank*.pt files")
-    saved: dict[str, list[dict]] = {}
-    for f in files:
-        for name, record in torch.load(f, mmap=True, weights_only=True).items():
-            saved.setdefault(name, []).append(record)
+    saved = _saved_records(in_dir)
     with torch.no_grad():
         for name, p in adapter_parameters(model, adapter).items():
             if name not in saved:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from safetensors.torch import load_file
+from parallel.adapter_io import read_adapter_state
 
 from tests.service.server_proc import PYTHON, ROOT, ServerProcess, client_env, wait_for
 
@@ -28,8 +28,9 @@ def _free_port() -> int:
 
 
 def _weights(state_dir: Path, tinker_path: str) -> dict:
+    """The adapter a saved checkpoint holds (the fleet backend's per-rank state files)."""
     run, _, name = tinker_path.removeprefix("tinker://").split("/")
-    return load_file(state_dir / "checkpoints" / run / "weights" / name / "adapter.safetensors")
+    return read_adapter_state(state_dir / "checkpoints" / run / "weights" / name / "train")
 
 
 def _driver(env, name: str, progress: Path) -> subprocess.Popen:
