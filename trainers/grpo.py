@@ -99,6 +99,7 @@ class StepSettings:
     max_skipped_steps: int = 3
     fault_steps: tuple[int, ...] = ()  # trainer.fault_steps / fault_kind (fault injection)
     fault_kind: str = "nan"
+    adapter: str = "default"  # the training fleet's adapter this step trains (many share a base)
 
 
 class NonFiniteTraining(RuntimeError):
@@ -160,7 +161,8 @@ class GRPOStep:
             timeout_s=self.s.reward_timeout_s, max_workers=self.s.reward_workers)
         batch = packed.training_inputs()
         with timer("old_logprobs"):
-            old_logprobs, entropy = self.training.compute_logprobs(batch, self.temperature, with_entropy=True)
+            old_logprobs, entropy = self.training.compute_logprobs(batch, self.temperature, with_entropy=True,
+                                                                   adapter=self.s.adapter)
             ref_logprobs = None
             if self.s.algorithm.tracks_reference_kl or uses_gvpo_reference(self.s.algorithm):
                 ref_logprobs = self.training.compute_logprobs(batch, self.temperature, adapter=None)
@@ -174,7 +176,7 @@ class GRPOStep:
             metrics.update(self.update(train_batch, packed.group_ids[train_batch.pop("row_index")], step))
         with timer("sync"):
             try:  # the sync checks the weights on every rank before any engine waits for them
-                report = self.recover(lambda: self.sync.push(self.training))
+                report = self.recover(lambda: self.sync.push(self.training, adapter=self.s.adapter))
             except FloatingPointError as err:
                 raise NonFiniteTraining(step, f"{err} (after the update)") from None
         metrics.update({"sync/bytes": report.bytes, "sync/seconds": report.seconds, "sync/version": report.version,
@@ -239,8 +241,9 @@ class GRPOStep:
             for chosen in order.split(self.s.mini_batch_prompts):
                 rows = torch.isin(group_ids, chosen).nonzero().squeeze(-1)
                 mini = add_batch_normalisers(select_rows(batch, rows))
-                metrics = self.training.forward_backward(mini, objective, self.temperature)
-                optim = self.training.optim_step(self.s.lr, self.s.betas, self.s.weight_decay, self.s.grad_clip)
+                metrics = self.training.forward_backward(mini, objective, self.temperature, adapter=self.s.adapter)
+                optim = self.training.optim_step(self.s.lr, self.s.betas, self.s.weight_decay, self.s.grad_clip,
+                                                 adapter=self.s.adapter)
                 self._count_skip(step, count, metrics.get("loss", 0.0), optim)
                 metrics.update({f"optim/{k}": v for k, v in optim.items()})
                 for k, v in metrics.items():
