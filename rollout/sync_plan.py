@@ -139,6 +139,25 @@ def group_receiver(groups: list, device: torch.device) -> Callable[[Step], torch
     return receive
 
 
+def member_receiver(blocks, rank: int, device: torch.device, sent: dict[str, int]) -> Callable[[Step], torch.Tensor]:
+    """Receives where the senders are the receivers too (the torchrun mode: every rank holds a
+    training shard and an engine): a step's sender packs its bucket and broadcasts it over the
+    default process group, every other member receives it, and each member reassembles it.
+    ``sent`` accumulates this member's bytes sent and largest buffer."""
+
+    def receive(step: Step) -> torch.Tensor:
+        if step.sender == rank:
+            flat, made = pack_bucket(blocks, list(step.blocks), device)
+            sent["bytes"] = sent.get("bytes", 0) + flat.numel()
+            sent["largest_buffer"] = max(sent.get("largest_buffer", 0), made)
+        else:
+            flat = torch.empty(step.nbytes, dtype=torch.uint8, device=device)
+        dist.broadcast(flat, src=step.sender)
+        return flat
+
+    return receive
+
+
 def steps_to_wire(steps: list[Step]) -> list:
     """Plain tuples (what an RPC to a vLLM worker may carry), and back (``steps_from_wire``)."""
     return [(s.sender, list(s.blocks), [tuple(p.__dict__.values()) for p in s.pieces]) for s in steps]

@@ -1,4 +1,4 @@
-"""The main job: GRPO with LoRA on a MoE model, the two fleets on Ray.
+"""The main job: GRPO with LoRA on a MoE model, the two fleets on Ray (or in torchrun ranks).
 
 ``run(tree)`` takes the composed Hydra config as a plain dict: it validates the whole
 configuration against the base model (before any actor starts), takes the run directory
@@ -31,7 +31,7 @@ from trainers.checkpointing import Checkpoint, CheckpointManager, capture_rng_st
 from trainers.config import ModelConfig, RunConfig, load_run_config, validate_run
 from trainers.evaluation import evaluate
 from trainers.grpo import GRPOStep, NonFiniteTraining, StepSettings
-from trainers.fleets import Fleets, RayFleets
+from trainers.fleet_hosts import FleetHost, RayHost
 from trainers.preemption import EXIT_PREEMPTED, Preemption, StopRequested
 from trainers.prompts import PromptSource
 from trainers.run_dir import OpenedRunDir, open_run_dir
@@ -90,15 +90,15 @@ def run(tree: dict, log=print) -> dict:
         from trainers.spmd.run import run_spmd
 
         return run_spmd(cfg, base_dir, log)
-    return run_driver(cfg, base_dir, lambda run_dir: RayFleets.for_run(cfg), log)
+    return run_driver(cfg, base_dir, lambda run_dir: RayHost.for_run(cfg), log)
 
 
-def run_driver(cfg: RunConfig, base_dir: Path, make_fleets: Callable[[Path], Fleets], log=print) -> dict:
-    """Takes the run directory and runs; ``make_fleets(run_dir)`` gives the fleets."""
+def run_driver(cfg: RunConfig, base_dir: Path, make_host: Callable[[Path], FleetHost], log=print) -> dict:
+    """Takes the run directory and runs; ``make_host(run_dir)`` hosts the fleets (``trainers.fleet_hosts``)."""
     opened = open_run_dir(cfg.to_dict(), cfg.trainer.run_dir, cfg.trainer.resume, cfg.trainer.if_run_dir_exists, log)
     cfg.trainer.run_dir = str(opened.path)
     try:
-        return Run(cfg, base_dir, opened, make_fleets, log).execute()
+        return Run(cfg, base_dir, opened, make_host, log).execute()
     finally:
         opened.lock.release()
 
@@ -106,7 +106,7 @@ def run_driver(cfg: RunConfig, base_dir: Path, make_fleets: Callable[[Path], Fle
 class Run:
     """One run's fleets, data, step, tracker and checkpoints, and the ways it can end."""
 
-    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, make_fleets, log):
+    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, make_host, log):
         from transformers import AutoTokenizer
 
         self.cfg, self.log, self.run_dir = cfg, log, opened.path
@@ -116,19 +116,19 @@ class Run:
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.trainer.keep_checkpoints, log=log)
-        self.fleets = make_fleets(self.run_dir)
+        self.host = make_host(self.run_dir)
         # After Ray's start: its core worker installs a SIGTERM handler that aborts the process.
         self.preemption = Preemption(cfg.trainer.preemption_grace_s, self._grace_expired, log).install()
-        log(self.fleets.describe())
-        model_dir = (finetune_base(cfg, base_dir, self.tokenizer, self.fleets.training, log)
+        log(self.host.describe())
+        model_dir = (finetune_base(cfg, base_dir, self.tokenizer, self.host.training, log)
                      if cfg.model.sft_steps else base_dir)
         t = cfg.trainer
-        self.training = self.fleets.training(TrainingFleetSpec(
+        self.training = self.host.training(TrainingFleetSpec(
             str(model_dir), cfg.parallel, cfg.lora, t.train_world_size, t.micro_batch_size, t.seed,
             backend=cfg.backend))
         log(f"training fleet: {t.train_world_size} Megatron ranks, process ids by rank {self.training.pids}")
-        self.rollout = self.fleets.rollout(replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir))))
-        self.sync = self.fleets.sync(self.rollout)
+        self.rollout = self.host.rollout(replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir))))
+        self.sync = self.host.sync(self.rollout)
         self.prompts = PromptSource(cfg, log)
         self.reward_fn = get_reward(cfg.algorithm.reward)
         self.step_runner = GRPOStep(StepSettings(
@@ -230,7 +230,7 @@ class Run:
         self.sync.close()
         self.rollout.shutdown()
         self.training.shutdown()
-        self.fleets.close()
+        self.host.close()
 
     def _stop(self, message: str, status: int) -> None:
         self.log(f"\n{message}\n{self._resume_hint()}")

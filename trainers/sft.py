@@ -78,7 +78,7 @@ def sft_batch(problems: list[Problem], tokenizer, rng: random.Random, noise: flo
 def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callable[[TrainingFleetSpec], TrainingFleet],
                   log=print) -> Path:
     """Returns the cached SFT checkpoint for ``cfg``, making it first if needed (on a training
-    fleet from ``make_fleet``: Ray actors or the torchrun ranks, ``trainers.fleets``)."""
+    fleet from ``make_fleet``: Ray actors or the torchrun ranks, ``trainers.fleet_hosts``)."""
     out = sft_cache_dir(cfg, base_dir)
     if (out / "model.safetensors").is_file():
         log(f"SFT base model: cached at {out}")

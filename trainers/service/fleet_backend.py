@@ -33,7 +33,7 @@ from parallel.lora import LoraConfig, lora_targets
 from parallel.topology import ParallelConfig
 from rlcore.token_losses import check_inputs, datum_loss, resolve_loss
 from rollout.config import EngineConfig, RolloutConfig, SamplingConfig
-from trainers.fleets import RayFleets
+from trainers.fleet_hosts import RayHost
 from trainers.placement import start_ray
 from trainers.service.backend import (AdamParams, AdapterSpec, BaseModelInfo, Datum, ForwardBackwardResult,
                                       SampledSequence, SampleRequest, SampleResult)
@@ -90,7 +90,7 @@ class _BaseFleets:
         self.eos_ids = tuple(sorted({int(t) for t in (tokenizer.eos_token_id, hf.eos_token_id) if isinstance(t, int)}))
         parallel = ParallelConfig(tp=opts.tp, ep=opts.ep, sp=opts.tp > 1)
         backend = DeviceBackend(opts.device, opts.dtype)
-        fleets = RayFleets(opts.train_world_size, opts.engines, "colocated", backend,
+        fleets = RayHost(opts.train_world_size, opts.engines, "colocated", backend,
                            engine_gpus=1 if opts.device == "cuda" else 0)
         self.training = fleets.training(TrainingFleetSpec(path, parallel, None, opts.train_world_size,
                                                           opts.micro_batch_size, opts.seed, backend=backend))

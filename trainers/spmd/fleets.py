@@ -1,6 +1,6 @@
 """The fleets of the torchrun (SPMD) mode: every rank holds a training shard and a vLLM engine.
 
-The same interfaces as the Ray fleets (``trainers.fleets``), so ``trainers.main.Run`` and the
+The same interfaces as the Ray fleets (``trainers.fleet_hosts``), so ``trainers.main.Run`` and the
 GRPO step run unchanged on rank 0, the driver:
 
 - ``SpmdTrainingFleet``: each rank's ``TrainingRank`` (one megatron shard of the job's process
@@ -20,14 +20,11 @@ import os
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-
 from rollout.config import RolloutConfig
 from rollout.engine import LOG_DIR_ENV, RolloutEngine, redirect_output
 from rollout.fleet import generation_shards
 from rollout.sync import SyncReport, WeightSync
-from rollout.sync_plan import Step, pack_bucket, steps_to_wire
+from rollout.sync_plan import member_receiver, steps_to_wire
 from trainers.spmd.channel import Channel, RankContext, create, drop
 from trainers.training_fleet import TrainingFleet, TrainingFleetSpec, TrainingRank
 
@@ -125,26 +122,14 @@ class SpmdWeightSync(WeightSync):
 def _sync_in_rank(ctx: RankContext, adapter: str, method: str, wire_steps: list, version: int):
     """This rank's part of a sync: broadcasts its own buckets, receives everyone's into its engine."""
     training, engine = ctx.objects[TRAINING], ctx.objects[ROLLOUT]
-    blocks, device = training.sync_blocks(method, adapter), training.engine.device
     sent = {"bytes": 0, "largest_buffer": 0}
-
-    def receive(step: Step) -> torch.Tensor:
-        if step.sender == ctx.rank:
-            flat, made = pack_bucket(blocks, list(step.blocks), device)
-            sent["bytes"] += flat.numel()
-            sent["largest_buffer"] = max(sent["largest_buffer"], made)
-        else:
-            flat = torch.empty(step.nbytes, dtype=torch.uint8, device=device)
-        dist.broadcast(flat, src=step.sender)
-        return flat
-
-    engine.use_receiver(receive)
+    engine.use_receiver(member_receiver(training.sync_blocks(method, adapter), ctx.rank, training.engine.device, sent))
     received = engine.receive_weights(f"{adapter}:{method}", wire_steps, version)
     return sent, received
 
 
-class SpmdFleets:
-    """``trainers.fleets.Fleets`` over the ranks of this torchrun job."""
+class SpmdHost:
+    """``trainers.fleet_hosts.FleetHost`` over the ranks of this torchrun job."""
 
     def __init__(self, channel: Channel, log_dir: str | None = None):
         self.channel = channel

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from rlcore.validation import ConfigError
 from trainers.config import RunConfig
 from trainers.spmd.channel import Channel
-from trainers.spmd.fleets import SAVED_OUTPUT, SpmdFleets, restore_rank_output
+from trainers.spmd.fleets import SAVED_OUTPUT, SpmdHost, restore_rank_output
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -70,7 +70,7 @@ def run_spmd(cfg: RunConfig, base_dir: Path, log=print) -> dict:
         dist.destroy_process_group()
         end_rank(0)
     try:
-        return run_driver(cfg, base_dir, lambda run_dir: SpmdFleets(channel, str(Path(run_dir) / "logs")), log)
+        return run_driver(cfg, base_dir, lambda run_dir: SpmdHost(channel, str(Path(run_dir) / "logs")), log)
     except SystemExit as stop:  # the run's own endings (preempted, failed): same status, quiet exit
         status = stop.code
     finally:

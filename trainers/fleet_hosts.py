@@ -1,6 +1,7 @@
-"""How a job gets its fleets: Ray actors (this module) or the ranks of a torchrun job
-(``trainers.spmd``). The RL job, the service and the SFT warm-up ask a ``Fleets`` for a
-training fleet, a rollout fleet and the weight sync between them, and never mind which.
+"""Where a job's fleets live: Ray actors (``RayHost``, this module) or the ranks of a torchrun
+job (``trainers.spmd.fleets.SpmdHost``). The RL job, the service and the SFT warm-up ask a
+``FleetHost`` for a training fleet, a rollout fleet and the weight sync between them, and
+never mind which.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from trainers.placement import place_fleets, start_ray
 from trainers.training_fleet import TrainingFleet, TrainingFleetSpec
 
 
-class Fleets(Protocol):
+class FleetHost(Protocol):
     def training(self, spec: TrainingFleetSpec) -> TrainingFleet: ...
 
     def rollout(self, config: RolloutConfig) -> RolloutFleet: ...
@@ -28,7 +29,7 @@ class Fleets(Protocol):
     def close(self) -> None: ...
 
 
-class RayFleets:
+class RayHost:
     """Training ranks and rollout engines as Ray actors in one placement group
     (``trainers.placement``); Ray is started, or joined at ``ray_address``."""
 
@@ -39,7 +40,7 @@ class RayFleets:
                                       engine_gpus=engine_gpus)
 
     @classmethod
-    def for_run(cls, cfg) -> RayFleets:
+    def for_run(cls, cfg) -> RayHost:
         """The fleets of a ``trainers.config.RunConfig``."""
         return cls(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement, cfg.backend,
                    cfg.rollout.num_gpus_per_engine, cfg.trainer.ray_address)
