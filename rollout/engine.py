@@ -93,7 +93,7 @@ class RolloutEngine:
 
     def __init__(self, config: EngineConfig, index: int, staging_dir: str = "/dev/shm/trillora",
                  in_rank: bool = False):
-        if not in_rank:  # a rank's output is the rank's (trainers.spmd)
+        if not in_rank:  # a rank's output is the rank's (trainers.launch.torchrun)
             redirect_output(f"rollout-engine-{index}")
         set_engine_environment(config)
         from vllm import LLM
@@ -177,7 +177,7 @@ class RolloutEngine:
         self.llm.collective_rpc("join_weight_sync", args=(host, port, prefix, senders, first_member, members, backend))
 
     def use_receiver(self, receive) -> None:
-        """The SPMD mode's sync: buckets come from ``receive(step)`` (``trainers.spmd``)."""
+        """The SPMD mode's sync: buckets come from ``receive(step)`` (``trainers.launch.torchrun``)."""
         self.llm.collective_rpc("use_receiver", args=(receive,))
 
     def receive_weights(self, key: str, wire_steps: list, version: int) -> dict:

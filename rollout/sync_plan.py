@@ -172,7 +172,7 @@ def steps_from_wire(wire: list) -> list[Step]:
 class Reassembler:
     """Takes a plan's buckets from ``receive(step)`` and yields complete HF tensors; tracks
     the largest buffer. ``receive`` is ``group_receiver`` for engines that joined the sync
-    groups, or the ranks' own broadcast in the SPMD mode (``trainers.spmd``)."""
+    groups, or the ranks' own broadcast in the SPMD mode (``trainers.launch.torchrun``)."""
 
     def __init__(self, receive: Callable[[Step], torch.Tensor], steps: list[Step], device: torch.device):
         self.receive, self.steps, self.device = receive, steps, device

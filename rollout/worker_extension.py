@@ -47,7 +47,7 @@ class WeightReloadExtension:
 
     def use_receiver(self, receive) -> None:
         """Takes buckets from ``receive(step)`` instead: the SPMD mode, where this worker lives in
-        a training rank's process and the ranks broadcast to each other (``trainers.spmd``)."""
+        a training rank's process and the ranks broadcast to each other (``trainers.launch.torchrun``)."""
         self._sync_receive = receive
 
     def _device(self):

@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(3) from None
     print_summary(summary)
     if cfg.trainer.launcher == "torchrun":
-        from trainers.spmd.run import end_rank
+        from trainers.launch.torchrun.run import end_rank
 
         end_rank(0)
 

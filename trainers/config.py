@@ -128,7 +128,7 @@ class TrainerConfig:
     if_run_dir_exists: str = "refuse"
     # ray: the driver starts (or joins, ray_address) Ray and places the fleets as actors;
     # torchrun: scripts/train.py runs under torchrun, every rank a training shard and an engine
-    # (trainers.spmd; rollout.engines and train_world_size equal the world size).
+    # (trainers.launch.torchrun; rollout.engines and train_world_size equal the world size).
     launcher: str = "ray"
     ray_address: str | None = None  # null: start a local Ray instance
     device: str = "cpu"  # the training fleet's device: cpu (gloo) or cuda (one GPU per rank, NCCL)

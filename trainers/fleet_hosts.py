@@ -1,5 +1,5 @@
 """Where a job's fleets live: Ray actors (``RayHost``, this module) or the ranks of a torchrun
-job (``trainers.spmd.fleets.SpmdHost``). The RL job, the service and the SFT warm-up ask a
+job (``trainers.launch.torchrun.fleets.SpmdHost``). The RL job, the service and the SFT warm-up ask a
 ``FleetHost`` for a training fleet, a rollout fleet and the weight sync between them, and
 never mind which.
 """

@@ -87,7 +87,7 @@ def run(tree: dict, log=print) -> dict:
     """The run's summary (under torchrun: on rank 0; the other ranks end in ``run_spmd``)."""
     cfg, base_dir = validate(tree)
     if cfg.trainer.launcher == "torchrun":
-        from trainers.spmd.run import run_spmd
+        from trainers.launch.torchrun.run import run_spmd
 
         return run_spmd(cfg, base_dir, log)
     return run_driver(cfg, base_dir, lambda run_dir: RayHost.for_run(cfg), log)

@@ -46,7 +46,7 @@ class TrainingFleetSpec:
 
 class TrainingRank:
     """One Megatron rank inside a Ray actor (see ``TrainingFleet``), or a torchrun rank's own
-    (``in_rank``: its output and its process group are the rank's, ``trainers.spmd``)."""
+    (``in_rank``: its output and its process group are the rank's, ``trainers.launch.torchrun``)."""
 
     def __init__(self, rank: int, world_size: int, in_rank: bool = False):
         from rollout.engine import redirect_output

@@ -4,7 +4,7 @@
         scripts/train.py trainer.launcher=torchrun trainer.train_world_size=16 rollout.engines=16 ...
 
 Every rank joins the job's process group (torchrun's environment), holds its training shard
-and one vLLM engine (``trainers.spmd.fleets``); rank 0 runs the driver (``trainers.main``) and
+and one vLLM engine (``trainers.launch.torchrun.fleets``); rank 0 runs the driver (``trainers.main``) and
 alone writes the run directory's own files (lock, metrics, checkpoints' trainer state,
 summary), while every rank writes its own checkpoint shards into it: the run directory must
 be on a filesystem all nodes share, as in the Ray mode.
@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from rlcore.validation import ConfigError
 from trainers.config import RunConfig
-from trainers.spmd.channel import Channel
-from trainers.spmd.fleets import SAVED_OUTPUT, SpmdHost, restore_rank_output
+from trainers.launch.torchrun.channel import Channel
+from trainers.launch.torchrun.fleets import SAVED_OUTPUT, SpmdHost, restore_rank_output
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -25,7 +25,7 @@ from rollout.engine import LOG_DIR_ENV, RolloutEngine, redirect_output
 from rollout.fleet import generation_shards
 from rollout.sync import SyncReport, WeightSync
 from rollout.sync_plan import member_receiver, steps_to_wire
-from trainers.spmd.channel import Channel, RankContext, create, drop
+from trainers.launch.torchrun.channel import Channel, RankContext, create, drop
 from trainers.training_fleet import TrainingFleet, TrainingFleetSpec, TrainingRank
 
 TRAINING, ROLLOUT, SAVED_OUTPUT = "training", "rollout", "saved-output"

@@ -11,7 +11,7 @@ import pytest
 from parallel.launch import launch
 from rlcore.validation import ConfigError
 from trainers.config import load_run_config
-from trainers.spmd.channel import Channel, RankFailed, create
+from trainers.launch.torchrun.channel import Channel, RankFailed, create
 
 TORCHRUN = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
@@ -73,7 +73,7 @@ def _cfg(**trainer):
 
 
 def test_torchrun_settings_are_checked_against_the_job(monkeypatch):
-    from trainers.spmd.run import check_torchrun
+    from trainers.launch.torchrun.run import check_torchrun
 
     for key in TORCHRUN:
         monkeypatch.delenv(key, raising=False)
