@@ -68,6 +68,7 @@ def measure(model_dir: Path, ranks: int, repeats: int) -> dict:
         sync.close()
         rollout.shutdown()
         training.shutdown()
+        fleets.close()
     seconds = [r.seconds for r in reports]
     last = reports[-1]
     return {"ranks": ranks, "layout": asdict(LAYOUTS[ranks]), "seconds_median": statistics.median(seconds),

@@ -60,4 +60,7 @@ class RayHost:
         return self.placement.describe()
 
     def close(self) -> None:
-        """The actors end with their fleets' ``shutdown``; the placement group stays with Ray."""
+        """Frees the placement group's resources (after the fleets' ``shutdown``)."""
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(self.placement.group)
