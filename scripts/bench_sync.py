@@ -41,7 +41,7 @@ MODELS = {
     "33m": TinyModelSpec(hidden=512, layers=4, heads=8, kv_heads=4, head_dim=64, experts=8, topk=2, moe_ffn=512,
                          vocab=4096, max_positions=512),
     "244m": TinyModelSpec(hidden=1024, layers=6, heads=8, kv_heads=4, head_dim=128, experts=16, topk=2,
-                          moe_ffn=768, vocab=8192, max_positions=512),
+                          moe_ffn=704, vocab=8192, max_positions=512),
 }
 LAYOUTS = {1: ParallelConfig(), 2: ParallelConfig(ep=2), 4: ParallelConfig(tp=2, ep=2, sp=True)}
 BUCKET_MB = 64.0
@@ -55,12 +55,12 @@ def parameters(model_dir: Path) -> int:
 
 
 def measure(model_dir: Path, ranks: int, repeats: int) -> dict:
-    fleets = RayHost(ranks, 1, "colocated", Backend(), engine_gpus=0)
-    training = fleets.training(TrainingFleetSpec(str(model_dir), LAYOUTS[ranks], LoraConfig(rank=16), ranks,
+    host = RayHost(ranks, 1, "colocated", Backend(), engine_gpus=0)
+    training = host.training(TrainingFleetSpec(str(model_dir), LAYOUTS[ranks], LoraConfig(rank=16), ranks,
                                                  micro_batch_size=1, seed=0))
     engine = EngineConfig(model=str(model_dir), kv_cache_gib=0.25, max_model_len=256)
-    rollout = fleets.rollout(RolloutConfig(engine=engine, engines=1, sync_bucket_mb=BUCKET_MB))
-    sync = fleets.sync(rollout)
+    rollout = host.rollout(RolloutConfig(engine=engine, engines=1, sync_bucket_mb=BUCKET_MB))
+    sync = host.sync(rollout)
     try:
         sync.connect(training)
         reports = [sync.push(training) for _ in range(repeats + 1)][1:]  # the first one plans and warms up
@@ -68,7 +68,7 @@ def measure(model_dir: Path, ranks: int, repeats: int) -> dict:
         sync.close()
         rollout.shutdown()
         training.shutdown()
-        fleets.close()
+        host.close()
     seconds = [r.seconds for r in reports]
     last = reports[-1]
     return {"ranks": ranks, "layout": asdict(LAYOUTS[ranks]), "seconds_median": statistics.median(seconds),
