@@ -1,4 +1,4 @@
-"""The main job: GRPO with LoRA on a MoE model, the two fleets on Ray.
+"""The main job: GRPO with LoRA on a MoE model, the two fleets on Ray (or in torchrun ranks).
 
 ``run(tree)`` takes the composed Hydra config as a plain dict: it validates the whole
 configuration against the base model (before any actor starts), takes the run directory
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,19 +27,18 @@ import torch
 from parallel.arch.tiny import TinyModelSpec, make_tiny_model
 from rlcore.rewards import get_reward
 from rollout.fleet import EngineError, RolloutFleet
-from rollout.sync import WeightSync
 from trainers.checkpointing import Checkpoint, CheckpointManager, capture_rng_state, restore_rng_state, write_json_atomic
 from trainers.config import ModelConfig, RunConfig, load_run_config, validate_run
 from trainers.evaluation import evaluate
 from trainers.grpo import GRPOStep, NonFiniteTraining, StepSettings
-from trainers.placement import place_fleets, start_ray
+from trainers.fleet_hosts import FleetHost, RayHost
 from trainers.preemption import EXIT_PREEMPTED, Preemption, StopRequested
 from trainers.prompts import PromptSource
 from trainers.run_dir import OpenedRunDir, open_run_dir
 from trainers.run_logs import implementations_line, start_run_logs
 from trainers.sft import finetune_base
 from trainers.tracking import MetricsTracker
-from trainers.training_fleet import TrainingFleet, TrainingFleetSpec, TrainingRankDied
+from trainers.training_fleet import TrainingFleetSpec, TrainingRankDied
 
 ENGINE_RETRIES = 2
 EXIT_FAILED = 1
@@ -51,7 +52,13 @@ def base_model_dir(model: ModelConfig) -> Path:
     key = "-".join(f"{v}" for v in asdict(spec).values())
     out = Path(model.cache_dir) / f"tiny-{key}"
     if not (out / "model.safetensors").is_file():
-        make_tiny_model(out, spec)
+        # Built aside and renamed into place: the ranks of a torchrun job all get here at once.
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        make_tiny_model(tmp, spec)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -77,11 +84,21 @@ def with_engine_recovery(rollout: RolloutFleet, call, log, resync=lambda: None):
 
 
 def run(tree: dict, log=print) -> dict:
+    """The run's summary (under torchrun: on rank 0; the other ranks end in ``run_spmd``)."""
     cfg, base_dir = validate(tree)
+    if cfg.trainer.launcher == "torchrun":
+        from trainers.launch.torchrun.run import run_spmd
+
+        return run_spmd(cfg, base_dir, log)
+    return run_driver(cfg, base_dir, lambda run_dir: RayHost.for_run(cfg), log)
+
+
+def run_driver(cfg: RunConfig, base_dir: Path, make_host: Callable[[Path], FleetHost], log=print) -> dict:
+    """Takes the run directory and runs; ``make_host(run_dir)`` hosts the fleets (``trainers.fleet_hosts``)."""
     opened = open_run_dir(cfg.to_dict(), cfg.trainer.run_dir, cfg.trainer.resume, cfg.trainer.if_run_dir_exists, log)
     cfg.trainer.run_dir = str(opened.path)
     try:
-        return Run(cfg, base_dir, opened, log).execute()
+        return Run(cfg, base_dir, opened, make_host, log).execute()
     finally:
         opened.lock.release()
 
@@ -89,7 +106,7 @@ def run(tree: dict, log=print) -> dict:
 class Run:
     """One run's fleets, data, step, tracker and checkpoints, and the ways it can end."""
 
-    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, log):
+    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, make_host, log):
         from transformers import AutoTokenizer
 
         self.cfg, self.log, self.run_dir = cfg, log, opened.path
@@ -99,22 +116,19 @@ class Run:
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.trainer.keep_checkpoints, log=log)
-        start_ray(cfg.trainer.ray_address)
+        self.host = make_host(self.run_dir)
         # After Ray's start: its core worker installs a SIGTERM handler that aborts the process.
         self.preemption = Preemption(cfg.trainer.preemption_grace_s, self._grace_expired, log).install()
-        placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement,
-                                 train_gpus_per_rank=int(cfg.backend.on_gpu), engine_gpus=cfg.rollout.num_gpus_per_engine)
-        log(placement.describe())
-        model_dir = finetune_base(cfg, base_dir, self.tokenizer, placement, log) if cfg.model.sft_steps else base_dir
+        log(self.host.describe())
+        model_dir = (finetune_base(cfg, base_dir, self.tokenizer, self.host.training, log)
+                     if cfg.model.sft_steps else base_dir)
         t = cfg.trainer
-        self.training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, cfg.lora, t.train_world_size,
-                                                        t.micro_batch_size, t.seed, backend=cfg.backend), placement)
+        self.training = self.host.training(TrainingFleetSpec(
+            str(model_dir), cfg.parallel, cfg.lora, t.train_world_size, t.micro_batch_size, t.seed,
+            backend=cfg.backend))
         log(f"training fleet: {t.train_world_size} Megatron ranks, process ids by rank {self.training.pids}")
-        rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
-                              num_cpus_per_engine=placement.plan.engine_cpus)
-        self.rollout = RolloutFleet(rollout_cfg, placement.group, placement.plan.engine_bundles,
-                                    placement.plan.engine_gpus)
-        self.sync = WeightSync(self.rollout)
+        self.rollout = self.host.rollout(replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir))))
+        self.sync = self.host.sync(self.rollout)
         self.prompts = PromptSource(cfg, log)
         self.reward_fn = get_reward(cfg.algorithm.reward)
         self.step_runner = GRPOStep(StepSettings(
@@ -216,6 +230,7 @@ class Run:
         self.sync.close()
         self.rollout.shutdown()
         self.training.shutdown()
+        self.host.close()
 
     def _stop(self, message: str, status: int) -> None:
         self.log(f"\n{message}\n{self._resume_hint()}")
