@@ -107,7 +107,7 @@ def test_rest_and_async(calls):
 
 
 def _tinker_train(service: tinker.ServiceClient, steps: int = 3) -> tuple[str, list[float]]:
-    tc = service.create_lora_training_client(base_model=HPCAI_SERVED, rank=4, seed=11)
+    tc = service.create_lora_training_client(base_model=HPCAI_SERVED, rank=4, seed=11).result()
     d = types.Datum(model_input=types.ModelInput.from_ints(TOKENS[:24]),
                     loss_fn_inputs={"target_tokens": TOKENS[1:25], "weights": [1.0] * 24})
     for _ in range(steps):

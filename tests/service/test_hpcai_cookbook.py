@@ -1,8 +1,9 @@
 """The hpcai SDK's bundled cookbook recipes, unmodified, against the real server (the client's
 own venv, offline): math_rl's arithmetic environment (it has no step limit, so the test stops
 it once 10 steps are logged and checks their metrics) and sl_basic on its own data set name,
-``HuggingFaceH4/no_robots``, read from a local folder of that name (a few conversations of the
-tinker cookbook's example file as parquet)."""
+``HuggingFaceH4/no_robots``, read from a local folder of that name (conversations of the
+tinker cookbook's example file as parquet: two training batches of 32 and one test batch, the
+recipe's test loss being a ``/forward``)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def test_math_rl(hpcai_server, base_model, tmp_path):
     for row in rows:
         assert 0 <= row["env/all/correct"] <= 1 and math.isfinite(row["env/all/reward/total"])
         assert row["env/all/ac_tokens_per_turn"] > 0
+        assert abs(row["optim/kl_sample_train_v1"]) < 1e-3  # the sampler's log-probs are the trainer's
     usage = json.loads(hpcai_server.admin("usage", "--key", hpcai_server.keys["alice"]))
     (entry,) = usage["keys"].values()
     assert entry["tokens"]["sample"] > 0 and entry["tokens"]["train"] > 0 and entry["cost"] > 0
@@ -58,7 +60,7 @@ def _no_robots(folder, conversations: list[dict]) -> None:
     when run from ``folder``: its train and test splits."""
     data = folder / "HuggingFaceH4" / "no_robots" / "data"
     data.mkdir(parents=True)
-    for split, rows in (("train", conversations[:64]), ("test", conversations[64:80])):
+    for split, rows in (("train", conversations[:64]), ("test", conversations[64:96])):
         pq.write_table(pa.Table.from_pylist([{"messages": r["messages"]} for r in rows]),
                        data / f"{split}-00000-of-00001.parquet")
 
@@ -70,6 +72,7 @@ def test_sl_basic(hpcai_server, base_model, tmp_path):
     log = tmp_path / "sl_basic"
     run_hpcai(["-m", "hpcai.cookbook.recipes.sl_basic", f"log_path={log}"], env, timeout=1200, cwd=tmp_path)
     rows = _metrics(log)
-    assert [r["step"] for r in rows if "train_mean_nll" in r] == [0, 1]  # 64 conversations, batches of 32
-    assert all(math.isfinite(r["train_mean_nll"]) for r in rows if "train_mean_nll" in r)
-    assert any("test/nll" in r for r in rows)
+    train = [r["train_mean_nll"] for r in rows if "train_mean_nll" in r]
+    test = [r["test/nll"] for r in rows if "test/nll" in r]
+    assert len(train) == 2 and len(test) >= 1  # 64 conversations in batches of 32; evaluated at step 0
+    assert all(math.isfinite(v) and v > 0 for v in train + test)
