@@ -36,21 +36,25 @@ def _weights(state_dir: Path, path: str) -> dict:
     return read_adapter_state(paths.checkpoint_dir(state_dir, paths.parse(path)) / "train")
 
 
+def _steps(progress: Path) -> int:
+    return len(progress.read_text().split()) if progress.exists() else 0
+
+
 class Drivers:
     """The deterministic training loop of each client (``restart_driver.py``, ``hpcai_driver.py
-    train``) on one server; ``start(name)`` starts both, ``finish`` waits for their saved paths."""
+    train``) on one server; ``start(name)`` starts both (each appends its finished steps to a
+    progress file), ``finish`` waits for their saved paths."""
 
     def __init__(self, hf_home: Path, url: str, key: str, folder: Path):
         self.tinker_env, self.hpcai_env = client_env(hf_home, url, key), hpcai_env(hf_home, url, key)
         self.folder = folder
 
-    def start(self, name: str) -> tuple[list[subprocess.Popen], Path]:
-        progress = self.folder / f"{name}.progress"
+    def start(self, name: str) -> tuple[list[subprocess.Popen], list[Path]]:
+        progress = [self.folder / f"{name}.{client}.progress" for client in ("tinker", "hpcai")]
         tinker = subprocess.Popen([PYTHON, str(ROOT / "tests/service/restart_driver.py"), name, str(STEPS),
-                                   str(progress)], cwd=ROOT, env=self.tinker_env, stdout=subprocess.PIPE,
+                                   str(progress[0])], cwd=ROOT, env=self.tinker_env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
-        hpcai = start_hpcai([DRIVER, "train", SERVED, name, STEPS, self.folder / f"{name}.hpcai.progress"],
-                            self.hpcai_env)
+        hpcai = start_hpcai([DRIVER, "train", SERVED, name, STEPS, progress[1]], self.hpcai_env)
         return [tinker, hpcai], progress
 
     @staticmethod
@@ -74,9 +78,10 @@ def test_sigkill_restart(tmp_path, base_model):
     calm = drivers.finish(drivers.start("calm")[0])
 
     killed, progress = drivers.start("killed")
-    wait_for(lambda: progress.exists() and len(progress.read_text().split()) >= 4, 300, "4 steps")
+    wait_for(lambda: min(map(_steps, progress)) >= 3, 300, "3 steps of each client")
     proc.proc.kill()  # SIGKILL, mid-loop
     proc.proc.wait()
+    assert max(map(_steps, progress)) < STEPS  # both loops were cut
     with sqlite3.connect(state / "service.db") as db:
         done = db.execute("select id, kind from requests where status='done' and kind='optim_step'").fetchall()
     time.sleep(2)
