@@ -202,7 +202,8 @@ def train(base: str, name: str, steps: int, progress: Path | None) -> None:
         if i % 3 == 2:
             tc.save_state(f"{name}-{i}").result()
             sampler = tc.save_weights_and_get_sampling_client("sampler")
-            sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 2, types.SamplingParams(max_tokens=3, seed=i)).result()
+            params = types.SamplingParams(max_tokens=3, seed=i)
+            sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 2, params).result()
         if progress is not None:
             with progress.open("a") as f:
                 f.write(f"{i}\n")

@@ -135,7 +135,8 @@ def test_tinker_and_hpcai_at_once(hpcai_server, base_model, tmp_path):
     assert driver.returncode == 0, out[-5000:]
     together = json.loads(out.strip().splitlines()[-1])
     tinker_model, tinker_alone = _tinker_train(service)
-    alone = json.loads(run_hpcai([DRIVER, "train", HPCAI_SERVED, "alone", 6], env, timeout=600).strip().splitlines()[-1])
+    alone_out = run_hpcai([DRIVER, "train", HPCAI_SERVED, "alone", 6], env, timeout=600)
+    alone = json.loads(alone_out.strip().splitlines()[-1])
     assert overlapped
     assert gap(result["together"][1], tinker_alone) <= 1e-6
     assert gap(together["logprobs"], alone["logprobs"]) <= 1e-6

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from importlib.resources import files
 
 import pyarrow as pa

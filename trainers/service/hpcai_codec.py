@@ -60,7 +60,8 @@ def _tensor_json(value: torch.Tensor) -> dict:
 
 def forward_backward_json(result: ForwardBackwardResult) -> bytes:
     return json.dumps({"loss_fn_output_type": "TensorData",
-                       "loss_fn_outputs": [{name: _tensor_json(t) for name, t in out.items()} for out in result.outputs],
+                       "loss_fn_outputs": [{name: _tensor_json(t) for name, t in out.items()}
+                                           for out in result.outputs],
                        "metrics": result.metrics}).encode()
 
 
