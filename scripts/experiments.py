@@ -60,7 +60,7 @@ def check_clone_here(registry: Registry, parent_id: int, changes: list[str], war
     parent_cfg, _ = validate(compose_tree(list(parent.overrides)))
     clone_cfg, _ = validate(compose_tree(merge_overrides(parent.overrides, changes)))
     check_clone(registry.get_meta("reference"), flatten(parent_cfg.to_dict()), flatten(clone_cfg.to_dict()),
-                warm_start)
+                parent.step if warm_start else None)
 
 
 def wait_for(registry: Registry, request: int, timeout_s: float) -> int:

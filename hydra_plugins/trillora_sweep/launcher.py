@@ -14,7 +14,6 @@ It is the default launcher of ``configs/train.yaml`` (``hydra/launcher=trillora_
 # No ``from __future__ import annotations`` here: Hydra's plugin scan executes this module
 # outside sys.modules, where dataclasses cannot resolve string annotations.
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -46,34 +45,30 @@ class TrilloraSweepLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def _job_config(self, overrides: list[str], number: Optional[int]) -> DictConfig:
+        """A job's config as Hydra composes it; a clone (``number`` None) has no job number."""
         config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(config):
-            config.hydra.job.id = config.hydra.job.num = number
+        if number is not None:
+            with open_dict(config):
+                config.hydra.job.id = config.hydra.job.num = number
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in the job's values
         return config
 
     def compose(self, overrides: list[str], number: Optional[int] = None) -> dict:
         """The run config tree of ``overrides`` (without Hydra's own node), resolved."""
-        tree = OmegaConf.to_container(self._job_config(overrides, number), resolve=True)
-        tree.pop("hydra", None)
-        return tree
+        config = self._job_config(overrides, number)
+        with open_dict(config):
+            del config["hydra"]
+        return OmegaConf.to_container(config, resolve=True)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from rlcore.validation import ConfigError
         from trainers.experiments.driver import Job, run_sweep
-        from trainers.run_dir import RunDirLocked
+        from trainers.refusals import refusals
 
         setup_globals()
         jobs = [Job(initial_job_idx + i, tuple(o), self.compose(list(o), initial_job_idx + i))
                 for i, o in enumerate(job_overrides)]
-        try:
+        with refusals():
             outcomes = run_sweep(jobs, self.compose)
-        except ConfigError as err:
-            print(f"invalid configuration: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except RunDirLocked as err:
-            print(f"refusing to start: {err}", file=sys.stderr)
-            raise SystemExit(3) from None
         returns = []
         for job in jobs:
             config = self._job_config(list(job.overrides), job.number)

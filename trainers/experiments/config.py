@@ -83,6 +83,8 @@ def check_shareable(reference: dict[str, Any], other: dict[str, Any], reference_
         if want.get(name) != got.get(name):
             why = "they share one base model and one set of fleets"
             if name.startswith(SFT_PREFIXES):
-                why = "the fine-tuned base (model.sft_steps > 0) is made with it; set model.sft_seed to vary the seed"
+                why = "the fine-tuned base (model.sft_steps > 0) is made with it"
+                if name == "trainer.seed":
+                    why += "; set model.sft_seed to vary trainer.seed"
             raise ConfigError(name, got.get(name), f"must be the same in every experiment of a sweep ({why}); "
                                                    f"{reference_name} has {want.get(name)!r}")

@@ -41,13 +41,18 @@ def clone_diff(parent_diff: dict[str, str], changes: Sequence[str]) -> dict[str,
     return {**parent_diff, **{override_key(c): c.split("=", 1)[1] if "=" in c else "" for c in changes}}
 
 
-def check_clone(reference: dict[str, Any], parent: dict[str, Any], clone: dict[str, Any], warm_start: bool) -> None:
+def check_clone(reference: dict[str, Any], parent: dict[str, Any], clone: dict[str, Any],
+                warm_from: int | None) -> None:
     """Raises ``ConfigError`` naming the field that keeps ``clone`` out of the sweep whose
-    first experiment is ``reference`` (flattened run configs, ``trainers.run_dir.flatten``)."""
+    first experiment is ``reference`` (flattened run configs, ``trainers.run_dir.flatten``).
+    ``warm_from``: the parent's step a warm start continues from (None: from scratch)."""
     check_shareable(reference, clone, "the sweep's first experiment")
-    if warm_start:
-        before, after = parent, clone
-        for name in sorted(k for k in before.keys() | after.keys() if k.startswith(WARM_START_KEEPS)):
-            if before.get(name) != after.get(name):
-                raise ConfigError(name, after.get(name), f"must stay {before.get(name)!r} (the parent's) with "
-                                                         "--warm-start: the clone starts from its adapter")
+    if warm_from is None:
+        return
+    for name in sorted(k for k in parent.keys() | clone.keys() if k.startswith(WARM_START_KEEPS)):
+        if parent.get(name) != clone.get(name):
+            raise ConfigError(name, clone.get(name), f"must stay {parent.get(name)!r} (the parent's) with "
+                                                     "--warm-start: the clone starts from its adapter")
+    if clone["trainer.steps"] <= warm_from:
+        raise ConfigError("trainer.steps", clone["trainer.steps"], f"must exceed {warm_from}, the parent's step "
+                                                                   "that a warm start continues from")

@@ -95,6 +95,7 @@ class SweepDriver:
         self.open: dict[int, Experiment] = {}
         self.started = time.monotonic()
         self.decided_after_s: float | None = None
+        self.decided_at: float | None = None  # epoch seconds: when the best configuration was identified
 
     # ---- experiments ------------------------------------------------------------------------
     def register(self, jobs: list[Job], configs: list[RunConfig]) -> dict[int, int]:
@@ -237,10 +238,10 @@ class SweepDriver:
         parent = self._record(request)
         overrides = merge_overrides(parent.overrides, request.overrides)
         cfg, _ = validate(self.compose(overrides))
-        check_clone(flatten(self.reference.to_dict()), flatten(self.config(parent).to_dict()), flatten(cfg.to_dict()),
-                    request.warm_start)
         if request.warm_start and parent.step == 0:
             raise RequestRefused(f"experiment {parent.id} has not trained yet: nothing to warm-start from")
+        check_clone(flatten(self.reference.to_dict()), flatten(self.config(parent).to_dict()), flatten(cfg.to_dict()),
+                    parent.step if request.warm_start else None)
         if parent.id in self.open:
             self.open[parent.id].checkpoint_if_behind()
         clone = self.registry.add(overrides, clone_diff(parent.diff, request.overrides), parent=parent.id,
@@ -257,7 +258,7 @@ class SweepDriver:
         report.comparison_plot(records, rows, self.sweep.metric, self.dir / report.PLOT_FILE)
         candidates = [r for r in records if r.status not in report.CANNOT_WIN and r.status != "stopped"]
         if self.decided_after_s is None and (len(candidates) == 1 or final):
-            self.decided_after_s = time.monotonic() - self.started
+            self.decided_after_s, self.decided_at = time.monotonic() - self.started, time.time()
             self.registry.event(candidates[0].id if len(candidates) == 1 else None, "decided",
                                 f"{self.decided_after_s:.1f} s")
         if final:
@@ -266,6 +267,7 @@ class SweepDriver:
             (self.dir / "summary.md").write_text(text + "\n")
             write_json_atomic(self.dir / SUMMARY_FILE, {"best": table[0]["id"], "ranking": table,
                                                        "decided_after_s": self.decided_after_s,
+                                                       "decided_at": self.decided_at,
                                                        "seconds": time.monotonic() - self.started,
                                                        "plot": str(self.dir / report.PLOT_FILE)})
             self.log(f"\n== trillora sweep finished: {len(records)} experiments ==\n{text}\n"

@@ -103,7 +103,7 @@ class Experiment:
         """Steps to the next multiple of ``chunk_steps`` (or the last step), an evaluation and a
         checkpoint; returns the first and last step run. ``before_update()`` may raise
         ``StopRequested`` to abandon a step; ``stop_requested()`` ends the chunk after a step."""
-        self.fleets.show(self.adapter, self.version)
+        switch = self.fleets.show(self.adapter, self.version)
         if self.needs_eval:
             self.latest = self.evaluate()
             self.tracker.log(self.step, self.latest)
@@ -112,6 +112,8 @@ class Experiment:
         last = min(t.steps, (self.step // chunk_steps + 1) * chunk_steps)
         for step in range(first, last + 1):
             metrics = self.step_runner.run(self.prompts.for_step(step), step, before_update=before_update)
+            if step == first and switch is not None:  # what streaming this policy into the engines took
+                metrics.update({"switch/seconds": switch.seconds, "switch/bytes": switch.bytes})
             self.next_step, self.version = step + 1, self.fleets.rollout.version
             stopping = stop_requested()
             if step == last and not stopping:
