@@ -3,6 +3,7 @@
     python scripts/train.py                                  # the embedded CPU demo
     python scripts/train.py algorithm=dapo parallel.ep=2 trainer.steps=100
     python scripts/train.py model.hf_path=/ckpt/qwen3-30b-a3b rollout.engine.device=cuda ...
+    torchrun --nproc-per-node 2 scripts/train.py trainer.launcher=torchrun    # SPMD, no Ray
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def main(cfg: DictConfig) -> None:
     with refusals():
         summary = run(tree)
     print_summary(summary)
+    if cfg.trainer.launcher == "torchrun":
+        from trainers.launch.torchrun.run import end_rank
+
+        end_rank(0)
 
 
 if __name__ == "__main__":

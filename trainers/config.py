@@ -104,6 +104,7 @@ class TaskConfig:
 
 RUN_DIR_POLICIES = ("refuse", "overwrite", "new")
 FAULT_KINDS = ("nan", "inf", "skip_update")
+LAUNCHERS = ("ray", "torchrun")
 
 
 @dataclass
@@ -130,6 +131,10 @@ class TrainerConfig:
     # if_run_dir_exists: refuse (the default), overwrite (delete them), new (use run_dir-N).
     resume: str = "auto"
     if_run_dir_exists: str = "refuse"
+    # ray: the driver starts (or joins, ray_address) Ray and places the fleets as actors;
+    # torchrun: scripts/train.py runs under torchrun, every rank a training shard and an engine
+    # (trainers.launch.torchrun; rollout.engines and train_world_size equal the world size).
+    launcher: str = "ray"
     ray_address: str | None = None  # null: start a local Ray instance
     device: str = "cpu"  # the training fleet's device: cpu (gloo) or cuda (one GPU per rank, NCCL)
     placement: str = "colocated"  # colocated | separate
@@ -166,6 +171,7 @@ class TrainerConfig:
         check_choice("trainer.resume", self.resume, ("auto", "never"))
         check_choice("trainer.if_run_dir_exists", self.if_run_dir_exists, RUN_DIR_POLICIES)
         check_choice("trainer.placement", self.placement, ("colocated", "separate"))
+        check_choice("trainer.launcher", self.launcher, LAUNCHERS)
         check_choice("trainer.device", self.device, DEVICES)
         check_choice("trainer.fault_kind", self.fault_kind, FAULT_KINDS)
         self.fault_steps = tuple(self.fault_steps)

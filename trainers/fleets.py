@@ -1,8 +1,9 @@
 """Both fleets on one base model, as the single run and the sweep start and use them.
 
-``Fleets`` places the training and rollout fleets, makes the demo's fine-tuned base when the
-config asks for one, starts the Megatron ranks (with the run's adapter, or none: a sweep adds
-one per experiment) and the vLLM engines, and connects the weight sync. It knows which
+``Fleets`` takes a ``FleetHost`` (``trainers.fleet_hosts``: Ray actors, or the ranks of a
+torchrun job), makes the demo's fine-tuned base on it when the config asks for one, starts the
+Megatron ranks (with the run's adapter, or none: a sweep adds one per experiment) and the vLLM
+engines, and connects the weight sync. It knows which
 adapter the engines hold (``show``), so a rollout engine that dies mid-call is restarted and
 given that policy again before the call is retried (``recover``). Held-out evaluation goes
 through it for the same reason.
@@ -15,12 +16,12 @@ from pathlib import Path
 
 from parallel.lora import DEFAULT_ADAPTER, LoraConfig
 from rollout.fleet import EngineError, RolloutFleet
-from rollout.sync import SyncReport, WeightSync
+from rollout.sync import SyncReport
 from trainers.config import RunConfig
 from trainers.evaluation import evaluate
-from trainers.placement import place_fleets, start_ray
+from trainers.fleet_hosts import FleetHost
 from trainers.sft import finetune_base
-from trainers.training_fleet import TrainingFleet, TrainingFleetSpec
+from trainers.training_fleet import TrainingFleetSpec
 
 ENGINE_RETRIES = 2
 
@@ -42,23 +43,18 @@ def with_engine_recovery(rollout: RolloutFleet, call, log, resync=lambda: None):
 class Fleets:
     """The training fleet, the rollout fleet and the weight sync between them (module doc)."""
 
-    def __init__(self, cfg: RunConfig, base_dir: Path, tokenizer, log, lora: LoraConfig | None):
-        """``lora``: the adapter the training fleet starts with (``DEFAULT_ADAPTER``), or None."""
-        self.log = log
+    def __init__(self, host: FleetHost, cfg: RunConfig, base_dir: Path, tokenizer, log, lora: LoraConfig | None):
+        """``lora``: the adapter the training fleet starts with (``DEFAULT_ADAPTER``), or None.
+        The fleets own ``host`` from here on (``shutdown`` closes it)."""
+        self.host, self.log = host, log
         t = cfg.trainer
-        start_ray(t.ray_address)
-        placement = place_fleets(t.train_world_size, cfg.rollout.engines, t.placement,
-                                 train_gpus_per_rank=int(cfg.backend.on_gpu), engine_gpus=cfg.rollout.num_gpus_per_engine)
-        log(placement.describe())
-        model_dir = finetune_base(cfg, base_dir, tokenizer, placement, log) if cfg.model.sft_steps else base_dir
-        self.training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, lora, t.train_world_size,
-                                                        t.micro_batch_size, t.seed, backend=cfg.backend), placement)
+        log(host.describe())
+        model_dir = finetune_base(cfg, base_dir, tokenizer, host.training, log) if cfg.model.sft_steps else base_dir
+        self.training = host.training(TrainingFleetSpec(str(model_dir), cfg.parallel, lora, t.train_world_size,
+                                                        t.micro_batch_size, t.seed, backend=cfg.backend))
         log(f"training fleet: {t.train_world_size} Megatron ranks, process ids by rank {self.training.pids}")
-        rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
-                              num_cpus_per_engine=placement.plan.engine_cpus)
-        self.rollout = RolloutFleet(rollout_cfg, placement.group, placement.plan.engine_bundles,
-                                    placement.plan.engine_gpus)
-        self.sync = WeightSync(self.rollout)
+        self.rollout = host.rollout(replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir))))
+        self.sync = host.sync(self.rollout)
         self.shown = DEFAULT_ADAPTER  # the adapter whose policy the engines hold
 
     def recover(self, call):
@@ -87,3 +83,4 @@ class Fleets:
         self.sync.close()
         self.rollout.shutdown()
         self.training.shutdown()
+        self.host.close()

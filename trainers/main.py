@@ -1,4 +1,4 @@
-"""The main job: GRPO with LoRA on a MoE model, the two fleets on Ray.
+"""The main job: GRPO with LoRA on a MoE model, the two fleets on Ray (or in torchrun ranks).
 
 ``run(tree)`` takes the composed Hydra config as a plain dict: it validates the whole
 configuration against the base model (before any actor starts), takes the run directory
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,9 +30,9 @@ from rlcore.rewards import get_reward
 from trainers.adapter_checkpoints import AdapterCheckpoints
 from trainers.checkpointing import Checkpoint, capture_rng_state, restore_rng_state, write_json_atomic
 from trainers.config import ModelConfig, RunConfig, load_run_config, validate_run
+from trainers.fleet_hosts import FleetHost, RayHost
 from trainers.fleets import Fleets
 from trainers.grpo import GRPOStep, NonFiniteTraining, StepSettings
-from trainers.placement import start_ray
 from trainers.preemption import EXIT_PREEMPTED, Preemption, StopRequested
 from trainers.prompts import PromptSource
 from trainers.run_dir import OpenedRunDir, open_run_dir
@@ -49,7 +51,13 @@ def base_model_dir(model: ModelConfig) -> Path:
     key = "-".join(f"{v}" for v in asdict(spec).values())
     out = Path(model.cache_dir) / f"tiny-{key}"
     if not (out / "model.safetensors").is_file():
-        make_tiny_model(out, spec)
+        # Built aside and renamed into place: the ranks of a torchrun job all get here at once.
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        make_tiny_model(tmp, spec)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -61,11 +69,21 @@ def validate(tree: dict) -> tuple[RunConfig, Path]:
 
 
 def run(tree: dict, log=print) -> dict:
+    """The run's summary (under torchrun: on rank 0; the other ranks end in ``run_spmd``)."""
     cfg, base_dir = validate(tree)
+    if cfg.trainer.launcher == "torchrun":
+        from trainers.launch.torchrun.run import run_spmd
+
+        return run_spmd(cfg, base_dir, log)
+    return run_driver(cfg, base_dir, lambda run_dir: RayHost.for_run(cfg), log)
+
+
+def run_driver(cfg: RunConfig, base_dir: Path, make_host: Callable[[Path], FleetHost], log=print) -> dict:
+    """Takes the run directory and runs; ``make_host(run_dir)`` hosts the fleets (``trainers.fleet_hosts``)."""
     opened = open_run_dir(cfg.to_dict(), cfg.trainer.run_dir, cfg.trainer.resume, cfg.trainer.if_run_dir_exists, log)
     cfg.trainer.run_dir = str(opened.path)
     try:
-        return Run(cfg, base_dir, opened, log).execute()
+        return Run(cfg, base_dir, opened, make_host, log).execute()
     finally:
         opened.lock.release()
 
@@ -73,7 +91,7 @@ def run(tree: dict, log=print) -> dict:
 class Run:
     """One run's fleets, data, step, tracker and checkpoints, and the ways it can end."""
 
-    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, log):
+    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, make_host, log):
         from transformers import AutoTokenizer
 
         self.cfg, self.log, self.run_dir = cfg, log, opened.path
@@ -82,18 +100,17 @@ class Run:
         log(implementations_line(cfg))
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        start_ray(cfg.trainer.ray_address)
+        host = make_host(self.run_dir)
         # After Ray's start: its core worker installs a SIGTERM handler that aborts the process.
         self.preemption = Preemption(cfg.trainer.preemption_grace_s, self._grace_expired, log).install()
         t = cfg.trainer
-        self.fleets = Fleets(cfg, base_dir, self.tokenizer, log, cfg.lora)
+        self.fleets = Fleets(host, cfg, base_dir, self.tokenizer, log, cfg.lora)
         self.training, self.rollout, self.sync = self.fleets.training, self.fleets.rollout, self.fleets.sync
-        self.recover = self.fleets.recover
         self.checkpoints = AdapterCheckpoints(self.run_dir, t.keep_checkpoints, self.training, log=log)
         self.prompts = PromptSource(cfg, log)
         self.reward_fn = get_reward(cfg.algorithm.reward)
         self.step_runner = GRPOStep(StepSettings.from_run(cfg), self.rollout, self.training, self.sync,
-                                    self.tokenizer, recover=self.recover, log=log)
+                                    self.tokenizer, recover=self.fleets.recover, log=log)
         self.start_step, self.resumed_from = self._restore()
         self.tracker = MetricsTracker(self.run_dir, cfg.logger, cfg.to_dict(),
                                       resume_step=self.resumed_from.step if self.resumed_from else None,

@@ -18,6 +18,7 @@ import json
 import math
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -78,8 +79,10 @@ def sft_batch(problems: list[Problem], tokenizer, rng: random.Random, noise: flo
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
 
-def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, placement, log=print) -> Path:
-    """Returns the cached SFT checkpoint for ``cfg``, making it first if needed."""
+def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callable[[TrainingFleetSpec], TrainingFleet],
+                  log=print) -> Path:
+    """Returns the cached SFT checkpoint for ``cfg``, making it first if needed (on a training
+    fleet from ``make_fleet``: Ray actors or the torchrun ranks, ``trainers.fleet_hosts``)."""
     out = sft_cache_dir(cfg, base_dir)
     if (out / "model.safetensors").is_file():
         log(f"SFT base model: cached at {out}")
@@ -88,7 +91,7 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, placement, log=prin
     spec = TrainingFleetSpec(str(base_dir), cfg.parallel, None, cfg.trainer.train_world_size,
                              micro_batch_size=batch_size, seed=seed, train_base=True,
                              backend=cfg.backend)
-    fleet = TrainingFleet(spec, placement)
+    fleet = make_fleet(spec)
     rng = random.Random(spread_seed(seed, SFT_SEED_TAG))
     from tqdm import tqdm
 

@@ -38,10 +38,10 @@ from trainers.experiments.control import check_clone, clone_diff, job_diffs, mer
 from trainers.experiments.experiment import Experiment, experiment_dir
 from trainers.experiments.pruning import halving_decisions
 from trainers.experiments.registry import ExperimentRecord, Registry, Request
+from trainers.fleet_hosts import RayHost
 from trainers.fleets import Fleets
 from trainers.grpo import NonFiniteTraining
 from trainers.main import EXIT_FAILED, validate
-from trainers.placement import start_ray
 from trainers.preemption import EXIT_PREEMPTED, Preemption, StopRequested
 from trainers.run_dir import RunDirLock, flatten
 from trainers.run_logs import implementations_line, start_run_logs
@@ -67,6 +67,10 @@ def run_sweep(jobs: list[Job], compose: Callable[[list[str]], dict], log=print) 
     """Runs the jobs as one sweep (module docstring); each job's experiment's outcome by job
     number. ``compose(overrides)`` composes a clone's config as the jobs' were."""
     configs = [validate(job.tree) for job in jobs]
+    for cfg, _ in configs:
+        if cfg.trainer.launcher != "ray":
+            raise ConfigError("trainer.launcher", cfg.trainer.launcher, "must be ray in a sweep (--multirun): its "
+                              "experiments share Ray fleets; under torchrun run one configuration at a time")
     first = f"job {jobs[0].number} ({' '.join(jobs[0].overrides) or 'no overrides'})"
     for cfg, _ in configs[1:]:
         check_shareable(flatten(configs[0][0].to_dict()), flatten(cfg.to_dict()), first)
@@ -145,10 +149,10 @@ class SweepDriver:
         self.log(implementations_line(replace(self.reference, trainer=replace(self.reference.trainer,
                                                                               run_dir=str(self.dir)))))
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        start_ray(self.reference.trainer.ray_address)
+        host = RayHost.for_run(self.reference)
         # After Ray's start: its core worker installs a SIGTERM handler that aborts the process.
         self.preemption = Preemption(self.reference.trainer.preemption_grace_s, self._grace_expired, self.log).install()
-        self.fleets = Fleets(self.reference, self.base_dir, self.tokenizer, self.log, lora=None)
+        self.fleets = Fleets(host, self.reference, self.base_dir, self.tokenizer, self.log, lora=None)
         try:
             self._rounds()
         except StopRequested:
