@@ -176,3 +176,14 @@ def test_a_sweep_whose_jobs_cannot_share_a_base_is_refused_before_anything_start
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "invalid configuration: parallel.ep=2: must be the same in every experiment of a sweep" in done.stderr
     assert not (tmp_path / "sweep" / "sweep.db").exists()
+
+
+def test_a_sweep_is_refused_under_torchrun_before_anything_starts(tmp_path):
+    from trainers.experiments.driver import Job, run_sweep
+
+    tree = compose_tree([f"sweep.dir={tmp_path / 'sweep'}", f"model.cache_dir={tmp_path / 'cache'}",
+                         "model.sft_steps=0", "trainer.launcher=torchrun"])
+    with pytest.raises(ConfigError) as err:
+        run_sweep([Job(0, (), tree)], compose_tree)
+    assert err.value.field == "trainer.launcher" and "must be ray in a sweep" in str(err.value)
+    assert not (tmp_path / "sweep").exists()
