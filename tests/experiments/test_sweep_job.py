@@ -1,26 +1,27 @@
 """A sweep end to end: 4 configurations concurrently on one set of real fleets (Ray, vLLM on
 CPU, Megatron with 2 ranks, EP=2), steered while it runs, with successive halving.
 
-One sweep serves every assertion: while it runs the test clones experiment 0 with another
-learning rate from its current adapter and optimizer, stops experiment 1 and resumes it, all
-through ``scripts/experiments.py``. Then every configuration is trained alone (``scripts/train.py``,
-its own fleets) to the step its experiment reached, and the adapters must be equal: sharing the
-fleets never leaks. The configuration of job 2 is the defaults, the suite's ``uninterrupted``
-run, so only three configurations are trained again.
+One sweep serves every assertion: while it runs the test stops experiment 1, clones
+experiment 0 with another learning rate from its current adapter and optimizer, and resumes
+experiment 1, all through ``scripts/experiments.py``. Then every configuration is trained
+alone (``scripts/train.py``, its own fleets) to the step its experiment reached, and the
+adapters must be equal: sharing the fleets never leaks. The configuration of job 2 is the
+defaults, the suite's ``uninterrupted`` run, so only three configurations are trained again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.trainers.test_main_job import REPO, STEPS, VOLATILE, finish, overrides, rows, start, wait_for
+from scripts.experiments import main as experiments_command
+from tests.trainers.test_main_job import STEPS, VOLATILE, finish, overrides, rows, start, wait_for
 from trainers.experiments.experiment import experiment_dir
 from trainers.experiments.pruning import Score, judge, score_at
 from trainers.experiments.registry import Registry
@@ -40,10 +41,13 @@ def common(cache: Path) -> list[str]:
 
 
 def control(sweep_dir: Path, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(REPO / "scripts/experiments.py"), "--dir", str(sweep_dir), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    """``scripts/experiments.py`` run in this process (its imports are warm here, so a request
+    lands within a chunk); its output. The command line itself: ``test_sweep_parts``."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = experiments_command(["--dir", str(sweep_dir), *args])
+    assert status == 0, out.getvalue()
+    return out.getvalue()
 
 
 def events(sweep_dir: Path, kind: str | None = None, experiment: int | None = None) -> list[dict]:
@@ -61,11 +65,12 @@ def sweep(tmp_path_factory, model_cache):
     sweep_dir, log = base / "sweep", base / "log.txt"
     proc = start(["--multirun", f"sweep.dir={sweep_dir}", *common(model_cache), *SWEEP], log)
     wait_for(lambda: (sweep_dir / "sweep.db").is_file() and events(sweep_dir, "chunk", 0), proc, log)
-    # The clone is filed first: its work keeps the sweep going until the stop and resume are answered.
-    cloned = control(sweep_dir, "clone", "0", "--set", "trainer.lr=2e-3", "--set", f"trainer.steps={CLONE_STEPS}",
-                     "--warm-start")
-    assert "filed" in cloned
-    assert "stopped" in control(sweep_dir, "stop", "1", "--wait")
+    # Both are applied after this turn or the next one; the clone's steps keep the sweep going
+    # until experiment 1 is resumed.
+    control(sweep_dir, "stop", "1")
+    assert "filed" in control(sweep_dir, "clone", "0", "--set", "trainer.lr=2e-3", "--set",
+                              f"trainer.steps={CLONE_STEPS}", "--warm-start")
+    wait_for(lambda: events(sweep_dir, "stop request done", 1), proc, log)
     stopped = time.time()
     # another experiment takes a turn while 1 is stopped
     wait_for(lambda: [e for e in events(sweep_dir, "chunk") if e["time"] > stopped], proc, log)

@@ -173,7 +173,8 @@ class SweepDriver:
                 if self.registry.get(record.id).status == "active":
                     self._turn(record)
                     self.apply_requests()
-            self.prune()
+            if self.prune():
+                self._report()  # the plot marks them, and a decision is timed when it is taken
 
     def _turn(self, record: ExperimentRecord) -> None:
         exp = self.experiment(record)
@@ -190,19 +191,23 @@ class SweepDriver:
             self.close(record.id, "done", f"{exp.step} steps")
         self._report()
 
-    def prune(self) -> None:
+    def prune(self) -> bool:
+        """Applies the pruning rule; whether it stopped any experiment."""
         if self.sweep.prune == "none":
-            return
+            return False
         records = self.registry.experiments()
         rows = {r.id: report.read_rows(experiment_dir(self.dir, r.id)) for r in records}
         active = {r.id for r in records if r.status == "active"}
         decided = set(self.registry.decisions())
+        pruned = False
         for experiment, rung, kept, why in halving_decisions(self.sweep.halving, self.sweep.chunk_steps,
                                                               self.sweep.metric, rows, active, decided):
             self.registry.decide(experiment, rung, kept)
             if not kept:
                 self.log(f"experiment {experiment} pruned: {why}")
                 self.close(experiment, "pruned", why)
+                pruned = True
+        return pruned
 
     # ---- control requests ---------------------------------------------------------------------
     def apply_requests(self) -> None:
