@@ -78,6 +78,7 @@ def main() -> None:
     common = [*SIZES, f"model.cache_dir={work / 'cache'}", f"trainer.steps={args.steps}",
               f"trainer.eval_every={args.chunk_steps}"]
     fresh = ["trainer.resume=never", "trainer.if_run_dir_exists=overwrite"]
+    load_at_start = os.getloadavg()
     # The fine-tuned base, made once and cached: no variant below pays for it.
     train([*common, *fresh, f"trainer.run_dir={work / 'warmup'}", "trainer.steps=1"], work / "warmup.log")
 
@@ -94,7 +95,7 @@ def main() -> None:
     seq_total = sum(sequential.values())
     result = {
         "configurations": 4, "steps": args.steps, "chunk_steps": args.chunk_steps, "cpus": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
+        "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
         "sequential": {"wall_s": seq_total, "decision_s": seq_total, "runs_s": sequential},
         "concurrent": concurrent,
         "concurrent_halving": halving,

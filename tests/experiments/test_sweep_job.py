@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 CHUNK, RUNG = 2, 2  # successive halving (eta 2) after every chunk: the first rung at step 2
 CLONE_STEPS = STEPS + 1  # the clone goes on past its parent, whichever step it forks at
 DEFAULT_JOB = 2  # lora.rank=16 trainer.lr=1e-3: the defaults, the configuration of `uninterrupted`
-SWEEP = [f"sweep.chunk_steps={CHUNK}", "sweep.prune=successive_halving", "trainer.keep_checkpoints=10",
+SWEEP = [f"sweep.chunk_steps={CHUNK}", "sweep.prune=successive_halving", "sweep.name=test-sweep", "trainer.keep_checkpoints=10",
          "lora.rank=8,16", "trainer.lr=1e-3,3e-3"]
 
 
@@ -191,7 +191,10 @@ def test_tracking_plot_and_summary(sweep):
     assert (sweep_dir / "comparison.png").stat().st_size > 10_000
     switches = [r for i in records for r in rows(experiment_dir(sweep_dir, i)) if "switch/seconds" in r]
     assert switches and all(r["switch/bytes"] > 0 for r in switches)  # the engine's policy changed in place
-    for experiment in records:
-        (run,) = (experiment_dir(sweep_dir, experiment) / "wandb").glob("offline-run-*")
-        config = (run / "files" / "config.yaml").read_text()
-        assert "experiment:" in config and "diff:" in config
+    for experiment, record in records.items():
+        # an offline run keeps its config in its .wandb record file (JSON values)
+        (run,) = (experiment_dir(sweep_dir, experiment) / "wandb").glob("offline-run-*/run-*.wandb")
+        stored = run.read_bytes()
+        assert json.dumps(record.diff, separators=(",", ":")).encode() in stored
+        assert f"{experiment}: {' '.join(f'{k}={v}' for k, v in record.diff.items())}".encode() in stored  # its name
+        assert b"test-sweep" in stored  # its group (sweep.name)
