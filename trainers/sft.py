@@ -28,6 +28,7 @@ from rlcore.objective import NLLObjective, add_batch_normalisers
 from rlcore.tasks import Problem, arithmetic_problems
 from rollout.seeding import spread_seed
 from trainers.config import RunConfig
+from trainers.grpo import NonFiniteTraining
 from trainers.training_fleet import TrainingFleet, TrainingFleetSpec
 
 SFT_SEED_TAG = 5_000_000_003
@@ -93,6 +94,7 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callabl
                              backend=cfg.backend)
     fleet = make_fleet(spec)
     rng = random.Random(spread_seed(seed, SFT_SEED_TAG))
+    skipped_in_a_row = 0
     from tqdm import tqdm
 
     with tqdm(range(steps), desc="SFT of the base model", unit="step", mininterval=5) as bar:
@@ -101,7 +103,13 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callabl
                                            split="train", difficulty=cfg.task.difficulty)
             batch = add_batch_normalisers(sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise))
             metrics = fleet.forward_backward(batch, NLLObjective())
-            fleet.optim_step(lr_at(step, steps, cfg.model.sft_lr), grad_clip=1.0)
+            optim = fleet.optim_step(lr_at(step, steps, cfg.model.sft_lr), grad_clip=1.0)
+            skipped_in_a_row = skipped_in_a_row + 1 if optim["skipped"] else 0
+            if skipped_in_a_row >= cfg.trainer.max_skipped_steps:  # the fleet kept the weights as they were
+                fleet.shutdown()
+                raise NonFiniteTraining(step, f"SFT of the base model: {skipped_in_a_row} optimizer steps in a row "
+                                              f"were skipped (non-finite loss {metrics['loss/nll']} or gradient norm "
+                                              f"{optim['grad_norm']}); nothing was written")
             bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}", refresh=False)
     state = fleet.export_hf_state_dict()
     fleet.shutdown()

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.slow
 CHUNK, RUNG = 2, 2  # successive halving (eta 2) after every chunk: the first rung at step 2
 CLONE_STEPS = STEPS + 1  # the clone goes on past its parent, whichever step it forks at
 DEFAULT_JOB = 2  # lora.rank=16 trainer.lr=1e-3: the defaults, the configuration of `uninterrupted`
-SWEEP = [f"sweep.chunk_steps={CHUNK}", "sweep.prune=successive_halving", "sweep.name=test-sweep", "trainer.keep_checkpoints=10",
-         "lora.rank=8,16", "trainer.lr=1e-3,3e-3"]
+SWEEP = [f"sweep.chunk_steps={CHUNK}", "sweep.prune=successive_halving", "sweep.name=test-sweep",
+         "trainer.keep_checkpoints=10", "lora.rank=8,16", "trainer.lr=1e-3,3e-3"]
 
 
 def common(cache: Path) -> list[str]:

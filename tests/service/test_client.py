@@ -217,3 +217,19 @@ def test_rest_client(service, server):
 
 def session_in(rest) -> bool:
     return len(rest.list_sessions().result().sessions) >= 1
+
+
+def test_a_non_finite_step_is_refused_and_the_adapter_kept(service):
+    """Finite weights whose loss overflows fp32: optim_step answers with an error and the
+    adapter stays as it was (non-finite inputs are refused before they run)."""
+    tc = service.create_lora_training_client(base_model=SERVED, rank=2, seed=4).result()
+    tc.forward_backward([datum()], "cross_entropy").result()
+    tc.optim_step(adam()).result()
+    before = lp_of(tc.forward([datum()], "cross_entropy").result().loss_fn_outputs[0])
+    tc.forward_backward([datum(weights=[1e38] * 24)], "cross_entropy").result()
+    with pytest.raises(tinker.TinkerError, match="not finite; the adapter is unchanged"):
+        tc.optim_step(adam()).result()
+    np.testing.assert_array_equal(lp_of(tc.forward([datum()], "cross_entropy").result().loss_fn_outputs[0]), before)
+    tc.forward_backward([datum()], "cross_entropy").result()
+    tc.optim_step(adam()).result()  # and the adapter trains on
+    assert not np.array_equal(lp_of(tc.forward([datum()], "cross_entropy").result().loss_fn_outputs[0]), before)
