@@ -8,7 +8,7 @@ from its overrides). Each job's return value is its experiment's outcome (status
 latest metrics, run directory), so sweepers that read results see them.
 
 It is the default launcher of ``configs/train.yaml`` (``hydra/launcher=trillora_sweep``);
-``hydra/launcher=basic`` runs the jobs one after another as separate runs instead.
+another launcher (``hydra/launcher=submitit_slurm``) runs each job as a job of its own instead.
 """
 
 # No ``from __future__ import annotations`` here: Hydra's plugin scan executes this module
