@@ -113,7 +113,8 @@ def alone(sweep, tmp_path_factory, model_cache, uninterrupted):
         base = tmp_path_factory.mktemp(f"alone-{record.id}")
         run_dir, log = base / "run", base / "log.txt"
         own = [o for o in record.overrides if o.startswith(("lora.", "trainer.lr"))]
-        finish(start([*overrides(run_dir, model_cache, record.step), "trainer.keep_checkpoints=10", *own], log), log)
+        finish(start([*overrides(run_dir, model_cache, record.step), "trainer.keep_checkpoints=10",
+                      "logger.wandb_mode=disabled", *own], log), log)
         runs[record.id] = run_dir
     return runs
 
