@@ -35,7 +35,8 @@ class AdapterCheckpoints:
         prefix = f"{TRAIN_DIR}/"
         shards = {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
         others = [(k, v) for k, v in entries.items() if not k.startswith(prefix)]
-        return check_files(checkpoint.path, others) + self.training.check_files(str(checkpoint.path / TRAIN_DIR), shards)
+        ranks = self.training.check_files(str(checkpoint.path / TRAIN_DIR), shards)
+        return check_files(checkpoint.path, others) + ranks
 
     def save(self, step: int, state: dict) -> Checkpoint:
         """The adapter with its optimizer and ``state`` as the checkpoint of ``step``."""

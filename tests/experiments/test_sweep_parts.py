@@ -73,7 +73,8 @@ def test_what_experiments_may_and_may_not_vary():
 
 
 def test_overrides_diffs_and_clones():
-    jobs = [["trainer.steps=4", "lora.rank=8", "trainer.lr=1e-4"], ["trainer.steps=4", "lora.rank=32", "trainer.lr=1e-4"]]
+    jobs = [["trainer.steps=4", "lora.rank=8", "trainer.lr=1e-4"],
+            ["trainer.steps=4", "lora.rank=32", "trainer.lr=1e-4"]]
     assert job_diffs(jobs) == [{"lora.rank": "8"}, {"lora.rank": "32"}]
     assert merge_overrides(jobs[0], ["trainer.lr=3e-4", "+x.y=1"]) == [
         "trainer.steps=4", "lora.rank=8", "trainer.lr=3e-4", "+x.y=1"]
