@@ -35,11 +35,15 @@ SFT_SEED_TAG = 5_000_000_003
 WARMUP_SHARE = 0.1
 
 
+def sft_seed(cfg: RunConfig) -> int:
+    return cfg.trainer.seed if cfg.model.sft_seed is None else cfg.model.sft_seed
+
+
 def sft_cache_dir(cfg: RunConfig, base_dir: Path) -> Path:
     key = json.dumps({"base": str(base_dir.resolve()), "tiny": asdict(cfg.model.tiny) if cfg.model.tiny else None, "steps": cfg.model.sft_steps,
                       "lr": cfg.model.sft_lr, "batch": cfg.model.sft_batch_size,
                       "noise": cfg.model.sft_label_noise, "task": asdict(cfg.task),
-                      "seed": cfg.trainer.seed}, sort_keys=True)
+                      "seed": sft_seed(cfg)}, sort_keys=True)
     return Path(cfg.model.cache_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -84,18 +88,18 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callabl
     if (out / "model.safetensors").is_file():
         log(f"SFT base model: cached at {out}")
         return out
-    steps, batch_size = cfg.model.sft_steps, cfg.model.sft_batch_size
+    steps, batch_size, seed = cfg.model.sft_steps, cfg.model.sft_batch_size, sft_seed(cfg)
     spec = TrainingFleetSpec(str(base_dir), cfg.parallel, None, cfg.trainer.train_world_size,
-                             micro_batch_size=batch_size, seed=cfg.trainer.seed, train_base=True,
+                             micro_batch_size=batch_size, seed=seed, train_base=True,
                              backend=cfg.backend)
     fleet = make_fleet(spec)
-    rng = random.Random(spread_seed(cfg.trainer.seed, SFT_SEED_TAG))
+    rng = random.Random(spread_seed(seed, SFT_SEED_TAG))
     skipped_in_a_row = 0
     from tqdm import tqdm
 
     with tqdm(range(steps), desc="SFT of the base model", unit="step", mininterval=5) as bar:
         for step in bar:
-            problems = arithmetic_problems(batch_size, seed=spread_seed(cfg.trainer.seed, SFT_SEED_TAG, step),
+            problems = arithmetic_problems(batch_size, seed=spread_seed(seed, SFT_SEED_TAG, step),
                                            split="train", difficulty=cfg.task.difficulty)
             batch = add_batch_normalisers(sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise))
             metrics = fleet.forward_backward(batch, NLLObjective())
