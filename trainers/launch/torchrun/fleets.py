@@ -104,19 +104,12 @@ class SpmdWeightSync(WeightSync):
         self._connected, self._plans = source, {}
 
     def push(self, source, adapter: str = "default", version: int | None = None) -> SyncReport:
-        if self._connected is not source:
-            self.connect(source)
-        steps, _ = self.plan(source, adapter)
-        source.check(adapter)
-        version = self.fleet.version + 1 if version is None else version
+        steps, _, version = self._prepare(source, adapter, version)
         start = time.perf_counter()
         answers = self.fleet.channel.run(_sync_in_rank, adapter, self.method, steps_to_wire(steps), version)
         self.fleet.version = version
         sent, received = zip(*answers)
-        return SyncReport(self.method, version, received[0]["bytes"], time.perf_counter() - start, len(received),
-                          [s["bytes"] for s in sent],
-                          max([s["largest_buffer"] for s in sent] + [r["largest_buffer"] for r in received]),
-                          self.bucket_bytes)
+        return self._report(version, time.perf_counter() - start, list(sent), list(received))
 
 
 def _sync_in_rank(ctx: RankContext, adapter: str, method: str, wire_steps: list, version: int):
