@@ -31,7 +31,9 @@ micro-batch dict carries its rows of the batch plus ``global_num_tokens`` (sum o
 ``loss_mask`` over the whole batch) and ``global_num_seqs`` (B). The gradient is that of the
 SUM of ``loss`` over all micro-batches on all DP ranks, so normalising by the global counts
 makes the result independent of DP size and micro-batch split. Returned metrics (and
-``loss``) are likewise summed over micro-batches and DP ranks.
+``loss``) are likewise summed over micro-batches and DP ranks. Unless ``return_logprobs``, the
+logits are computed only over the span of each micro-batch's ``loss_mask`` positions, and
+``loss_fn``'s log-probs are 0 outside it (a loss reads masked positions only).
 
 Around the engine: ``engine.model`` is this rank's megatron ``GPTModel`` stage (LoRA
 functions of ``parallel.lora`` / ``parallel.adapter_io`` take it, with ``engine.arch`` and
@@ -69,6 +71,7 @@ class _MicroBatch:
     data: dict  # the micro-batch's tensors, padded to micro_batch_size rows and seq_len
     num_real: int
     seq_keys: frozenset  # keys of the [b, T, ...] tensors (trimmed/padded to seq_len)
+    window: tuple[int, int] | None = None  # the positions whose logits are computed (None: all)
 
 
 class TrainingEngine:
@@ -171,12 +174,47 @@ class TrainingEngine:
             mb = next(data_iterator)
             ids = mb.data["input_ids"]
             positions = torch.arange(seq_len, device=ids.device).expand_as(ids)
-            return model(ids, positions, None), partial(loss_func, mb)
+            with self._logits_only_in(mb.window):
+                output = model(ids, positions, None)
+            return output, partial(loss_func, mb)
 
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
             num_microbatches=len(micro_batches), seq_length=seq_len,
             micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+
+    def _set_loss_windows(self, micro_batches: list[_MicroBatch], seq_len: int) -> None:
+        """Limits each micro-batch's logits to the span of its loss positions.
+
+        The vocabulary projection and log-softmax dominate a small model with a big vocabulary
+        (the service's tiny Qwen3: 151,936 rows), and a loss reads only ``loss_mask`` positions.
+        Window ``[lo, hi)`` covers every position t with a loss (whose log-prob comes from the
+        logits at t - 1, or at t with ``target_ids``). Not with sequence parallelism, where the
+        projection's input is split along the sequence.
+        """
+        if self.model.config.sequence_parallel:
+            return
+        for mb in micro_batches:
+            used = mb.data["loss_mask"][: mb.num_real].ne(0).any(0).nonzero()
+            if len(used) == 0:
+                mb.window = (0, 1)
+                continue
+            lo = int(used[0]) if "target_ids" in mb.data else max(0, int(used[0]) - 1)
+            mb.window = (lo, min(seq_len, int(used[-1]) + 1))
+
+    @contextlib.contextmanager
+    def _logits_only_in(self, window: tuple[int, int] | None):
+        """Slices the [s, b, h] input of the vocabulary projection to ``window`` (last stage)."""
+        layer = getattr(self.model, "output_layer", None)
+        if window is None or layer is None:
+            yield
+            return
+        lo, hi = window
+        handle = layer.register_forward_pre_hook(lambda _, args: (args[0][lo:hi], *args[1:]), prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _gather_rows(self, micro_batches, per_mb: list[torch.Tensor], shape) -> torch.Tensor:
         """Sums every owner's rows into a full [B, T] fp32 tensor on all ranks (on the CPU)."""
@@ -225,6 +263,8 @@ class TrainingEngine:
     def _forward_backward(self, batch: dict, loss_fn, temperature: float, return_logprobs: bool):
         self.model.train()
         micro_batches, seq_len = self._micro_batches(batch)
+        if not return_logprobs:  # the loss sees only loss positions: their logits suffice
+            self._set_loss_windows(micro_batches, seq_len)
         totals = {"global_num_tokens": batch["loss_mask"].sum().to(self.device),
                   "global_num_seqs": batch["input_ids"].shape[0]}
         full_len = batch["input_ids"].shape[1]
@@ -321,8 +361,15 @@ class TrainingEngine:
 
 
 def _token_logprobs(logits: torch.Tensor, mb: _MicroBatch, temperature: float) -> torch.Tensor:
-    """The micro-batch's log-probs: of its next tokens, or of its ``target_ids`` when it has them."""
-    return token_logprobs(logits, mb.data["input_ids"], temperature, mb.data.get("target_ids"))
+    """The micro-batch's log-probs: of its next tokens, or of its ``target_ids`` when it has them;
+    with a ``window``, 0 outside it (and at its first position, which predicts no input)."""
+    ids, targets = mb.data["input_ids"], mb.data.get("target_ids")
+    if mb.window is None:
+        return token_logprobs(logits, ids, temperature, targets)
+    lo, hi = mb.window
+    out = logits.new_zeros(ids.shape, dtype=torch.float32)
+    out[:, lo:hi] = token_logprobs(logits, ids[:, lo:hi], temperature, None if targets is None else targets[:, lo:hi])
+    return out
 
 
 def _ceil_div(a: int, b: int) -> int:
