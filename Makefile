@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install run serve test
+.PHONY: install run serve test gpu-bundle
 
 install:
 	@bash scripts/install.sh
@@ -19,3 +19,11 @@ serve: install
 test: install
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "FAILED: no tests were collected"; exit 1; fi; exit $$rc
+
+# What scripts/gpu_check.py needs on a GPU machine that has torch, transformers and peft but
+# cannot download: megatron-core's package, copied into .gpu/site (PYTHONPATH there).
+gpu-bundle: install
+	@rm -rf .gpu/site && mkdir -p .gpu/site
+	@cp -r $$($(PY) -c "import megatron, os; print(os.path.dirname(megatron.__path__[0]))")/megatron .gpu/site/
+	@find .gpu/site -name __pycache__ -prune -exec rm -rf {} +
+	@echo "wrote .gpu/site ($$(du -sh .gpu/site | cut -f1)): carry it and run PYTHONPATH=.gpu/site python3 scripts/gpu_check.py --out DIR"

@@ -53,14 +53,15 @@ def load_configs(overrides: list[str]):
     """(hf_config, the ``model`` config group chosen, LoraConfig) of the composed Hydra tree."""
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from transformers import AutoConfig
 
     ConfigStore.instance().store(name="count_schema", node=CountConfig)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         tree = compose("count", overrides=overrides, return_hydra_config=True)
         model_name = OmegaConf.select(tree, "hydra.runtime.choices.model")
-        del tree["hydra"]
+        with open_dict(tree):  # omegaconf 2.3.1 refuses deleting from a struct tree
+            del tree["hydra"]
         cfg: CountConfig = OmegaConf.to_object(tree)
     model = cfg.model
     if model.get("hf_config"):

@@ -2,7 +2,8 @@
 
     result = launch(fn, nproc, *args, timeout_s=600)
 
-Each rank is a fresh ``spawn``-ed process that initialises ``torch.distributed`` (gloo, over
+Each rank is a fresh ``spawn``-ed process that initialises ``torch.distributed`` (gloo, or
+``backend="nccl"`` with one GPU per rank, over
 a TCP store the parent opens on a port the kernel picks, so no other process can take the port
 between choosing and binding it; RANK/WORLD_SIZE/LOCAL_RANK set like torchrun), calls
 ``fn(rank, world_size, *args)`` and tears the group down. ``launch`` returns rank 0's return
@@ -44,13 +45,13 @@ def join_group(backend: str, host: str, port: int, rank: int, world: int, timeou
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
-def _rank_main(rank, world, port, timeout_s, results, fn, args):
+def _rank_main(rank, world, port, timeout_s, backend, results, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     # The ranks share the machine's cores: one thread each avoids oversubscription.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        join_group("gloo", "127.0.0.1", port, rank, world, timeout_s)
+        join_group(backend, "127.0.0.1", port, rank, world, timeout_s)
         value = fn(rank, world, *args)
         # Plain pickle copies tensors into the message: torch's queue reducers would share
         # memory through file descriptors that die with this process.
@@ -74,14 +75,14 @@ def _crashes(procs, reported, grace_s: float = 2.0) -> str:
     return "".join(f"rank {r} of {len(procs)} exited with code {code} without a result\n" for r, code in dead)
 
 
-def launch(fn, nproc: int, *args, timeout_s: float = 600.0):
+def launch(fn, nproc: int, *args, timeout_s: float = 600.0, backend: str = "gloo"):
     """Runs ``fn(rank, nproc, *args)`` on ``nproc`` spawned ranks and returns rank 0's result."""
     if nproc < 1:
         raise ValueError(f"nproc={nproc}: must be >= 1")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store = open_store("127.0.0.1", nproc, timeout_s)  # held open until the ranks are done
-    procs = [ctx.Process(target=_rank_main, args=(r, nproc, store.port, timeout_s, results, fn, args))
+    procs = [ctx.Process(target=_rank_main, args=(r, nproc, store.port, timeout_s, backend, results, fn, args))
              for r in range(nproc)]
     for p in procs:
         p.start()

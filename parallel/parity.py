@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from parallel.device import Backend
 from parallel.hf_reference import hf_logprobs, hf_lora_training
 from parallel.topology import ParallelConfig, validate_layout
 from rlcore.validation import ConfigError
@@ -60,6 +61,7 @@ class ParityJob:
     # kept well above that noise (~1e-8 here) for a layout comparison to be meaningful.
     eps: float = 1e-5
     micro_batch_size: int = 2
+    backend: Backend = Backend()  # where the engine computes (scripts/gpu_check.py: cuda)
 
 
 def random_batch(vocab_size: int, batch: int = 6, seq: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -120,11 +122,12 @@ def run_job(rank: int, world: int, job: ParityJob) -> dict:
     """Per-rank worker; rank 0's dict holds everything ``compare`` needs."""
     from parallel.engine import TrainingEngine
 
-    engine = TrainingEngine(job.hf_model, job.parallel, lora=job.lora, micro_batch_size=job.micro_batch_size)
+    engine = TrainingEngine(job.hf_model, job.parallel, lora=job.lora, micro_batch_size=job.micro_batch_size,
+                            backend=job.backend)
     out = {"logprobs": engine.compute_logprobs(job.batch), "base_export": engine.export_hf_state_dict()}
     out["logprobs_t"], out["entropy_t"] = engine.compute_logprobs(job.batch, TEMPERATURE, with_entropy=True)
     if job.lora is None:
-        return out
+        return on_cpu(out)
     from parallel.adapter_io import gather_adapter, merged_state_dict
     from parallel.lora import adapter_enabled, adapter_parameters
 
@@ -159,7 +162,16 @@ def run_job(rank: int, world: int, job: ParityJob) -> dict:
     out["expert_bias_drift"] = _max_drift(biases, _expert_biases(engine.model))
     out["adapter"], _ = gather_adapter(engine.model)
     out["merged"] = merged_state_dict(engine.model, arch=engine.arch, hf_config=engine.hf_config)
-    return out
+    return on_cpu(out)
+
+
+def on_cpu(value):
+    """``value`` with every tensor in it moved to the CPU (what a rank hands back to the parent)."""
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value.cpu() if torch.is_tensor(value) else value
 
 
 def run_jobs(rank: int, world: int, jobs: list[ParityJob]) -> list[dict]:

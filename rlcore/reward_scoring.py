@@ -41,22 +41,20 @@ def _worker_main(task_fd: int, result_fd: int) -> None:
     """Worker loop: receive the pickled reward, then (index, completion, answer) tasks; send
     (index, ok, value or error message) for each, until told to stop or the caller is gone."""
     tasks, results = Connection(task_fd, writable=False), Connection(result_fd, readable=False)
-    fn = pickle.loads(tasks.recv_bytes())
-    results.send(_READY)
-    while True:
-        try:
-            task = tasks.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        index, completion, answer = task
-        try:
-            value = float(fn(completion, answer))
-            ok = math.isfinite(value)
-            results.send((index, ok, value if ok else f"non-finite reward {value}"))
-        except Exception as error:  # noqa: BLE001 - any reward failure is isolated by design
-            results.send((index, False, f"{type(error).__name__}: {error}"))
+    try:
+        fn = pickle.loads(tasks.recv_bytes())
+        results.send(_READY)
+        while (task := tasks.recv()) is not None:
+            index, completion, answer = task
+            try:
+                value = float(fn(completion, answer))
+                ok = math.isfinite(value)
+                outcome = (index, ok, value if ok else f"non-finite reward {value}")
+            except Exception as error:  # noqa: BLE001 - any reward failure is isolated by design
+                outcome = (index, False, f"{type(error).__name__}: {error}")
+            results.send(outcome)
+    except (EOFError, BrokenPipeError):
+        return  # the caller is gone (stopped or killed): nothing to report to
 
 
 class _Worker:

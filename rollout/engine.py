@@ -47,8 +47,12 @@ def redirect_output(name: str) -> None:
     os.close(fd)
 
 
-def vllm_engine_args(config: EngineConfig) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for ``config`` (also used by the benchmark)."""
+def vllm_engine_args(config: EngineConfig, in_rank: bool = False) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for ``config`` (also used by the benchmark).
+
+    ``in_rank``: the engine lives in a torchrun rank that already joined the job's default
+    process group (the SPMD mode): vLLM's ``external_launcher`` executor builds its groups on
+    that one, each rank an independent engine (vLLM's "external data parallel")."""
     args: dict[str, Any] = dict(
         model=config.model,
         dtype=config.dtype,
@@ -64,6 +68,8 @@ def vllm_engine_args(config: EngineConfig) -> dict[str, Any]:
         # Adds reload_hf_weights to every worker (merged sync; see rollout.worker_extension).
         worker_extension_cls="rollout.worker_extension.WeightReloadExtension",
     )
+    if in_rank:
+        args["distributed_executor_backend"] = "external_launcher"
     if config.max_model_len is not None:
         args["max_model_len"] = config.max_model_len
     if config.kv_cache_gib is not None:
@@ -82,10 +88,13 @@ def set_engine_environment(config: EngineConfig) -> None:
 
 
 class RolloutEngine:
-    """A vLLM engine loaded from an HF checkpoint; methods are called through Ray."""
+    """A vLLM engine loaded from an HF checkpoint; methods are called through Ray, or directly
+    in a torchrun rank (``in_rank``, see ``vllm_engine_args``)."""
 
-    def __init__(self, config: EngineConfig, index: int, staging_dir: str = "/dev/shm/trillora"):
-        redirect_output(f"rollout-engine-{index}")
+    def __init__(self, config: EngineConfig, index: int, staging_dir: str = "/dev/shm/trillora",
+                 in_rank: bool = False):
+        if not in_rank:  # a rank's output is the rank's (trainers.launch.torchrun)
+            redirect_output(f"rollout-engine-{index}")
         set_engine_environment(config)
         from vllm import LLM
 
@@ -94,7 +103,11 @@ class RolloutEngine:
         self.staging_dir = Path(staging_dir) / f"engine-{os.getpid()}"
         self.version = 0
         self._lora = None  # the LoRARequest of the current adapter (adapter sync only)
-        self.llm = LLM(**vllm_engine_args(config))
+        self.llm = LLM(**vllm_engine_args(config, in_rank))
+        if in_rank:
+            # vLLM's teardown (at garbage collection or exit) destroys the default process
+            # group, which in a rank is the job's: the engine lives as long as the rank.
+            self.llm.llm_engine.engine_core._finalizer.detach()
 
     def info(self) -> dict[str, int]:
         """Answers once the engine is up: the fleet waits on it with a timeout."""
@@ -112,6 +125,8 @@ class RolloutEngine:
 
         if len(seeds) != len(prompt_token_ids):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompt_token_ids)} prompts")
+        if not prompt_token_ids:
+            return []
         params = [
             SamplingParams(
                 n=n,
@@ -160,6 +175,10 @@ class RolloutEngine:
         """Every worker of this engine joins the sync groups (``rollout.sync``)."""
         backend = "nccl" if self.config.device == "cuda" else "gloo"
         self.llm.collective_rpc("join_weight_sync", args=(host, port, prefix, senders, first_member, members, backend))
+
+    def use_receiver(self, receive) -> None:
+        """The SPMD mode's sync: buckets come from ``receive(step)`` (``trainers.launch.torchrun``)."""
+        self.llm.collective_rpc("use_receiver", args=(receive,))
 
     def receive_weights(self, key: str, wire_steps: list, version: int) -> dict:
         """Receives a sync's buckets and applies them; returns the seconds and buffer sizes."""

@@ -50,6 +50,17 @@ def shard_bounds(count: int, shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def generation_shards(prompt_token_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig,
+                      seeds: Sequence[int] | None, engines: int) -> list[tuple[list[list[int]], list[int | None]]]:
+    """Each engine's (prompts, vLLM seeds) of a ``generate`` call: contiguous shards, a
+    prompt's seed fixed by its position in the call, not by the engine that draws it."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    vllm_seeds = prompt_seeds(len(prompt_token_ids), sampling.seed, None if seeds is None else list(seeds))
+    prompts = [list(map(int, ids)) for ids in prompt_token_ids]
+    return [(prompts[start:end], vllm_seeds[start:end]) for start, end in shard_bounds(len(prompts), engines)]
+
+
 class RolloutFleet:
     """``config.engines`` vLLM engines, each a Ray actor with its own resources.
 
@@ -149,20 +160,10 @@ class RolloutFleet:
         in and of the engine that draws them; without them ``sampling.seed`` seeds prompt i
         of this call (rollout.seeding).
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if not prompt_token_ids:
-            return []
-        vllm_seeds = prompt_seeds(len(prompt_token_ids), sampling.seed,
-                                  None if seeds is None else list(seeds))
-        prompts = [list(map(int, ids)) for ids in prompt_token_ids]
-        calls = [
-            (i, self.actors[i].generate.remote(prompts[start:end], n, sampling, vllm_seeds[start:end]))
-            for i, (start, end) in enumerate(shard_bounds(len(prompts), self.num_engines))
-            if end > start
-        ]
-        shards = self._wait(calls, "generate")
-        return [group for shard in shards for group in shard]
+        shards = generation_shards(prompt_token_ids, n, sampling, seeds, self.num_engines)
+        calls = [(i, self.actors[i].generate.remote(prompts, n, sampling, shard_seeds))
+                 for i, (prompts, shard_seeds) in enumerate(shards) if prompts]
+        return [group for shard in self._wait(calls, "generate") for group in shard]
 
     def join_weight_sync(self, host: str, port: int, prefix: str, senders: int) -> None:
         """Every worker joins the sync groups of ``senders`` senders (``rollout.sync``); blocks

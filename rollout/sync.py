@@ -106,16 +106,22 @@ class WeightSync:
     def push(self, source: WeightSource, adapter: str = "default", version: int | None = None) -> SyncReport:
         """Streams ``adapter``'s current weights into every engine; the fleet's version becomes
         ``version`` (default: the next one)."""
+        steps, buckets, version = self._prepare(source, adapter, version)
+        start = time.perf_counter()
+        wait_send = source.start_send(adapter, self.method, buckets)
+        received = self.fleet.receive_weights(f"{adapter}:{self.method}", steps, version)
+        return self._report(version, time.perf_counter() - start, wait_send(), received)
+
+    def _prepare(self, source: WeightSource, adapter: str, version: int | None):
+        """Connects if needed, plans, checks the weights finite: (steps, buckets, version)."""
         if self._connected is not source:
             self.connect(source)
         steps, buckets = self.plan(source, adapter)
         source.check(adapter)
-        version = self.fleet.version + 1 if version is None else version
-        start = time.perf_counter()
-        wait_send = source.start_send(adapter, self.method, buckets)
-        received = self.fleet.receive_weights(f"{adapter}:{self.method}", steps, version)
-        sent = wait_send()
-        seconds = time.perf_counter() - start
+        return steps, buckets, self.fleet.version + 1 if version is None else version
+
+    def _report(self, version: int, seconds: float, sent: list[dict], received: list[dict]) -> SyncReport:
+        """The push's report from every sender's and every engine worker's counts."""
         return SyncReport(self.method, version, received[0]["bytes"], seconds, len(received),
                           [s["bytes"] for s in sent],
                           max([s["largest_buffer"] for s in sent] + [r["largest_buffer"] for r in received]),

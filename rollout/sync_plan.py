@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,20 +103,59 @@ def join_group(backend: str, host: str, port: int, prefix: str, rank: int, size:
     return dist.ProcessGroupGloo(store, rank, size, timeout)
 
 
+def pack_bucket(blocks, bucket: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
+    """The listed blocks' ``make()`` packed as one byte buffer on ``device``, and the largest
+    buffer that took (the packed one, or a block made before packing)."""
+    parts = [blocks[i].make() for i in bucket]
+    flat = torch.cat([p.reshape(-1).view(torch.uint8) for p in parts]).to(device)
+    return flat, max(flat.numel(), *(p.numel() * p.element_size() for p in parts))
+
+
 def broadcast_buckets(group, blocks, buckets: list[list[int]], device: torch.device) -> dict[str, int]:
-    """The sending side of a plan: broadcasts each bucket (the listed blocks' ``make()``, packed
-    as bytes) from group rank 0; returns the bytes sent and the largest buffer allocated."""
+    """The sending side of a plan: broadcasts each bucket from group rank 0; returns the bytes
+    sent and the largest buffer allocated."""
     largest = sent = 0
     options = dist.BroadcastOptions()
     options.rootRank = 0
     for bucket in buckets:
-        parts = [blocks[i].make() for i in bucket]
-        flat = torch.cat([p.reshape(-1).view(torch.uint8) for p in parts]).to(device)
-        largest = max(largest, flat.numel(), *(p.numel() * p.element_size() for p in parts))
+        flat, made = pack_bucket(blocks, bucket, device)
+        largest = max(largest, made)
         group.broadcast([flat], options).wait()
         sent += flat.numel()
-        del parts, flat
+        del flat
     return {"bytes": sent, "largest_buffer": largest}
+
+
+def group_receiver(groups: list, device: torch.device) -> Callable[[Step], torch.Tensor]:
+    """Receives a step's bucket from its sender's own group (``join_group``; sender = rank 0)."""
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+
+    def receive(step: Step) -> torch.Tensor:
+        flat = torch.empty(step.nbytes, dtype=torch.uint8, device=device)
+        groups[step.sender].broadcast([flat], options).wait()
+        return flat
+
+    return receive
+
+
+def member_receiver(blocks, rank: int, device: torch.device, sent: dict[str, int]) -> Callable[[Step], torch.Tensor]:
+    """Receives where the senders are the receivers too (the torchrun mode: every rank holds a
+    training shard and an engine): a step's sender packs its bucket and broadcasts it over the
+    default process group, every other member receives it, and each member reassembles it.
+    ``sent`` accumulates this member's bytes sent and largest buffer."""
+
+    def receive(step: Step) -> torch.Tensor:
+        if step.sender == rank:
+            flat, made = pack_bucket(blocks, list(step.blocks), device)
+            sent["bytes"] = sent.get("bytes", 0) + flat.numel()
+            sent["largest_buffer"] = max(sent.get("largest_buffer", 0), made)
+        else:
+            flat = torch.empty(step.nbytes, dtype=torch.uint8, device=device)
+        dist.broadcast(flat, src=step.sender)
+        return flat
+
+    return receive
 
 
 def steps_to_wire(steps: list[Step]) -> list:
@@ -131,18 +170,17 @@ def steps_from_wire(wire: list) -> list[Step]:
 
 
 class Reassembler:
-    """Receives a plan's buckets and yields complete HF tensors; tracks the largest buffer."""
+    """Takes a plan's buckets from ``receive(step)`` and yields complete HF tensors; tracks
+    the largest buffer. ``receive`` is ``group_receiver`` for engines that joined the sync
+    groups, or the ranks' own broadcast in the SPMD mode (``trainers.launch.torchrun``)."""
 
-    def __init__(self, groups: list, steps: list[Step], device: torch.device):
-        self.groups, self.steps, self.device = groups, steps, device
+    def __init__(self, receive: Callable[[Step], torch.Tensor], steps: list[Step], device: torch.device):
+        self.receive, self.steps, self.device = receive, steps, device
         self.largest_buffer = 0
         self.bytes_received = 0
 
     def _receive(self, step: Step) -> torch.Tensor:
-        flat = torch.empty(step.nbytes, dtype=torch.uint8, device=self.device)
-        options = dist.BroadcastOptions()
-        options.rootRank = 0
-        self.groups[step.sender].broadcast([flat], options).wait()
+        flat = self.receive(step)
         self.largest_buffer = max(self.largest_buffer, flat.numel())
         self.bytes_received += flat.numel()
         return flat

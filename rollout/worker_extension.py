@@ -39,17 +39,26 @@ class WeightReloadExtension:
         """Joins sender r's group ``{prefix}-{r}`` as rank 1 + this worker's member index."""
         from rollout.sync_plan import join_group
 
-        member = first_member + getattr(self, "rank", 0)
-        self._sync_groups = [join_group(backend, host, port, f"{prefix}-{r}", 1 + member, 1 + members)
-                             for r in range(senders)]
+        from rollout.sync_plan import group_receiver
 
-    def _reassembler(self, wire_steps: list):
+        member = first_member + getattr(self, "rank", 0)
+        groups = [join_group(backend, host, port, f"{prefix}-{r}", 1 + member, 1 + members) for r in range(senders)]
+        self._sync_receive = group_receiver(groups, self._device())
+
+    def use_receiver(self, receive) -> None:
+        """Takes buckets from ``receive(step)`` instead: the SPMD mode, where this worker lives in
+        a training rank's process and the ranks broadcast to each other (``trainers.launch.torchrun``)."""
+        self._sync_receive = receive
+
+    def _device(self):
         import torch
 
+        return getattr(self, "device", None) or torch.device("cpu")
+
+    def _reassembler(self, wire_steps: list):
         from rollout.sync_plan import Reassembler, steps_from_wire
 
-        device = getattr(self, "device", None) or torch.device("cpu")
-        return Reassembler(self._sync_groups, steps_from_wire(wire_steps), device)
+        return Reassembler(self._sync_receive, steps_from_wire(wire_steps), self._device())
 
     def receive_merged(self, wire_steps: list) -> dict:
         """Reloads every weight in place from the sync's stream, tensor by tensor."""

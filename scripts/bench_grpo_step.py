@@ -1,10 +1,13 @@
-"""Benchmark: one GRPO step's wall time split by phase, and the orchestration overhead.
+"""Benchmark: one GRPO step's wall time split by phase, with and without the reference pass.
 
-Runs the main job for a few steps (Hydra overrides as arguments) and reports, averaged over
-the steps after the first (warm-up), the seconds of each phase (generate, reward, old
-log-probs, update, sync), the whole step, and the orchestration overhead
-step time / (generate + old log-probs + update + sync): what Ray calls, packing, rewards not
-hidden behind the old log-probs, and bookkeeping add. Writes JSON.
+Runs the main job twice for a few steps (Hydra overrides as arguments, each run its own
+process and run directory): as configured (at ``algorithm.kl_coef=0`` no base-model forward
+runs) and with ``algorithm.track_reference_kl=true`` (the reference forward every step, for
+the KL metric alone). Reports, averaged over the steps after the first (warm-up), the seconds
+of each phase (generate, reward, old log-probs (with the reference pass when on), update,
+sync), the whole step and the orchestration overhead step time / (generate + old log-probs +
+update + sync), and what the reference pass costs: the old-log-prob phase and the step,
+with over without. Writes JSON.
 
     python scripts/bench_grpo_step.py --out bench_results/grpo_step.json trainer.steps=4
 """
@@ -14,12 +17,31 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+REPO = Path(__file__).resolve().parents[1]
 PHASES = ("generate", "reward", "old_logprobs", "update", "sync", "step")
+VARIANTS = {"as_configured": [], "reference_pass": ["algorithm.track_reference_kl=true"]}
+
+
+def measure(name: str, overrides: list[str]) -> dict:
+    run_dir = REPO / "outputs" / f"bench-grpo-step-{name}"
+    defaults = ["trainer.steps=4", "trainer.eval_every=1000", "trainer.checkpoint_every=1000",
+                f"trainer.run_dir={run_dir}", "trainer.resume=never", "trainer.if_run_dir_exists=overwrite",
+                "logger.wandb_mode=disabled"]
+    done = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), *defaults, *overrides, *VARIANTS[name]],
+                          cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {name} run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if r["step"] >= 2]  # step 1 pays warm-up
+    return {"steps_measured": len(measured),
+            "seconds": {p: statistics.mean(r[f"time/{p}"] for r in measured) for p in PHASES},
+            "orchestration_overhead": statistics.mean(r["perf/orchestration_overhead"] for r in measured),
+            "tokens_per_s": statistics.mean(r["perf/tokens_per_s"] for r in measured),
+            "kl_ref_reported": any("policy/kl_ref" in r for r in measured)}
 
 
 def main() -> None:
@@ -27,27 +49,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results/grpo_step.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.steps=4")
     args = parser.parse_args()
-
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from trainers.main import run
-
-    defaults = ["trainer.steps=4", "trainer.eval_every=1000", "trainer.checkpoint_every=1000",
-                "trainer.run_dir=outputs/bench-grpo-step", "trainer.resume=never", "logger.wandb_mode=disabled"]
-    configs = str(Path(__file__).resolve().parents[1] / "configs")
-    with initialize_config_dir(config_dir=configs, version_base="1.3"):
-        cfg = compose("train", overrides=defaults + args.overrides)
-    summary = run(OmegaConf.to_container(cfg, resolve=True))
-    rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
-    measured = [r for r in rows if r["step"] >= 2]  # step 1 pays warm-up
-    result = {
-        "steps_measured": len(measured),
-        "seconds": {p: statistics.mean(r[f"time/{p}"] for r in measured) for p in PHASES},
-        "orchestration_overhead": statistics.mean(r["perf/orchestration_overhead"] for r in measured),
-        "tokens_per_s": statistics.mean(r["perf/tokens_per_s"] for r in measured),
-        "overrides": args.overrides,
-    }
+    result = {name: measure(name, args.overrides) for name in VARIANTS}
+    with_ref, without = result["reference_pass"]["seconds"], result["as_configured"]["seconds"]
+    result["reference_pass_cost"] = {"old_logprobs_ratio": with_ref["old_logprobs"] / without["old_logprobs"],
+                                     "step_ratio": with_ref["step"] / without["step"]}
+    result["overrides"] = args.overrides
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -66,3 +66,22 @@ def start_fleet(ray_cluster, tmp_path_factory):
         return RolloutFleet(RolloutConfig(engine=engine, engines=engines, staging_dir=str(staging)))
 
     return start
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One cache of the tiny base model and its SFT for every main job of the suite."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, model_cache):
+    """The main job of ``tests.trainers.test_main_job.overrides`` run to the end, every
+    checkpoint kept: the reference of the resume tests and of the sweep's experiment that has
+    the same configuration."""
+    from tests.trainers.test_main_job import STEPS, finish, overrides, start
+
+    base = tmp_path_factory.mktemp("uninterrupted")
+    run_dir, log = base / "run", base / "log.txt"
+    finish(start([*overrides(run_dir, model_cache), f"trainer.keep_checkpoints={STEPS}"], log), log)
+    return run_dir

@@ -27,6 +27,7 @@ from parallel.topology import ParallelConfig, validate_layout
 from rlcore.config import GROUP_RELATIVE_ESTIMATORS, AlgorithmConfig
 from rlcore.validation import ConfigError, check_choice, check_int, check_range, reject_non_finite
 from rollout.config import RolloutConfig, check_engine_for_model
+from trainers.experiments.config import SweepConfig
 from trainers.launch.config import LaunchConfig
 from trainers.tracking import LoggerConfig
 
@@ -39,8 +40,9 @@ class ModelConfig:
     """The base model: an HF checkpoint directory, or the demo's tiny MoE built on the spot.
 
     With ``hf_path`` null the tiny model described by ``tiny`` (``parallel.arch.tiny``) is
-    made, then fine-tuned on the task for ``sft_steps`` (``trainers.sft``), and the result
-    cached under ``cache_dir`` keyed by everything that determines it. ``hf_config``: an HF
+    made, then fine-tuned on the task for ``sft_steps`` (``trainers.sft``) with ``sft_seed``
+    (null: ``trainer.seed``), and the result cached under ``cache_dir`` keyed by everything
+    that determines it. ``hf_config``: an HF
     ``config.json`` written inline (``model_type`` plus its fields), for tools that need a
     model's shapes but no weights (``python -m parallel.count``).
     """
@@ -58,6 +60,7 @@ class ModelConfig:
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
     sft_label_noise: float = 0.0
+    sft_seed: int | None = None  # a sweep over trainer.seed sets it: its experiments share one base
     cache_dir: str = "outputs/cache"
 
     def __post_init__(self) -> None:
@@ -75,6 +78,8 @@ class ModelConfig:
         check_range("model.sft_lr", self.sft_lr, gt=0)
         check_int("model.sft_batch_size", self.sft_batch_size, ge=1)
         check_range("model.sft_label_noise", self.sft_label_noise, ge=0, lt=1)
+        if self.sft_seed is not None:
+            check_int("model.sft_seed", self.sft_seed, ge=0)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class TaskConfig:
 
 RUN_DIR_POLICIES = ("refuse", "overwrite", "new")
 FAULT_KINDS = ("nan", "inf", "skip_update")
+LAUNCHERS = ("ray", "torchrun")
 
 
 @dataclass
@@ -125,6 +131,10 @@ class TrainerConfig:
     # if_run_dir_exists: refuse (the default), overwrite (delete them), new (use run_dir-N).
     resume: str = "auto"
     if_run_dir_exists: str = "refuse"
+    # ray: the driver starts (or joins, ray_address) Ray and places the fleets as actors;
+    # torchrun: scripts/train.py runs under torchrun, every rank a training shard and an engine
+    # (trainers.launch.torchrun; rollout.engines and train_world_size equal the world size).
+    launcher: str = "ray"
     ray_address: str | None = None  # null: start a local Ray instance
     device: str = "cpu"  # the training fleet's device: cpu (gloo) or cuda (one GPU per rank, NCCL)
     placement: str = "colocated"  # colocated | separate
@@ -161,6 +171,7 @@ class TrainerConfig:
         check_choice("trainer.resume", self.resume, ("auto", "never"))
         check_choice("trainer.if_run_dir_exists", self.if_run_dir_exists, RUN_DIR_POLICIES)
         check_choice("trainer.placement", self.placement, ("colocated", "separate"))
+        check_choice("trainer.launcher", self.launcher, LAUNCHERS)
         check_choice("trainer.device", self.device, DEVICES)
         check_choice("trainer.fault_kind", self.fault_kind, FAULT_KINDS)
         self.fault_steps = tuple(self.fault_steps)
@@ -182,6 +193,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)  # read by scripts/launch.py only
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # read by --multirun sweeps only (trainers.experiments)
 
     @property
     def backend(self) -> Backend:

@@ -101,6 +101,14 @@ class StepSettings:
     fault_kind: str = "nan"
     adapter: str = "default"  # the training fleet's adapter this step trains (many share a base)
 
+    @classmethod
+    def from_run(cls, cfg, adapter: str = "default") -> StepSettings:
+        """The settings of a run's configuration (``trainers.config.RunConfig``) for ``adapter``."""
+        t = cfg.trainer
+        return cls(cfg.algorithm, cfg.rollout.sampling, t.samples_per_prompt, t.ppo_epochs, t.mini_batch_prompts,
+                   t.lr, t.betas, t.weight_decay, t.grad_clip, t.seed, t.reward_timeout_s, t.reward_workers,
+                   t.max_skipped_steps, t.fault_steps, t.fault_kind, adapter)
+
 
 class NonFiniteTraining(RuntimeError):
     """Training produced something non-finite that skipping steps did not cure."""

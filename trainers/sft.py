@@ -18,6 +18,7 @@ import json
 import math
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,17 +28,22 @@ from rlcore.objective import NLLObjective, add_batch_normalisers
 from rlcore.tasks import Problem, arithmetic_problems
 from rollout.seeding import spread_seed
 from trainers.config import RunConfig
+from trainers.grpo import NonFiniteTraining
 from trainers.training_fleet import TrainingFleet, TrainingFleetSpec
 
 SFT_SEED_TAG = 5_000_000_003
 WARMUP_SHARE = 0.1
 
 
+def sft_seed(cfg: RunConfig) -> int:
+    return cfg.trainer.seed if cfg.model.sft_seed is None else cfg.model.sft_seed
+
+
 def sft_cache_dir(cfg: RunConfig, base_dir: Path) -> Path:
     key = json.dumps({"base": str(base_dir.resolve()), "tiny": asdict(cfg.model.tiny) if cfg.model.tiny else None, "steps": cfg.model.sft_steps,
                       "lr": cfg.model.sft_lr, "batch": cfg.model.sft_batch_size,
                       "noise": cfg.model.sft_label_noise, "task": asdict(cfg.task),
-                      "seed": cfg.trainer.seed}, sort_keys=True)
+                      "seed": sft_seed(cfg)}, sort_keys=True)
     return Path(cfg.model.cache_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -74,27 +80,36 @@ def sft_batch(problems: list[Problem], tokenizer, rng: random.Random, noise: flo
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
 
 
-def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, placement, log=print) -> Path:
-    """Returns the cached SFT checkpoint for ``cfg``, making it first if needed."""
+def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callable[[TrainingFleetSpec], TrainingFleet],
+                  log=print) -> Path:
+    """Returns the cached SFT checkpoint for ``cfg``, making it first if needed (on a training
+    fleet from ``make_fleet``: Ray actors or the torchrun ranks, ``trainers.fleet_hosts``)."""
     out = sft_cache_dir(cfg, base_dir)
     if (out / "model.safetensors").is_file():
         log(f"SFT base model: cached at {out}")
         return out
-    steps, batch_size = cfg.model.sft_steps, cfg.model.sft_batch_size
+    steps, batch_size, seed = cfg.model.sft_steps, cfg.model.sft_batch_size, sft_seed(cfg)
     spec = TrainingFleetSpec(str(base_dir), cfg.parallel, None, cfg.trainer.train_world_size,
-                             micro_batch_size=batch_size, seed=cfg.trainer.seed, train_base=True,
+                             micro_batch_size=batch_size, seed=seed, train_base=True,
                              backend=cfg.backend)
-    fleet = TrainingFleet(spec, placement)
-    rng = random.Random(spread_seed(cfg.trainer.seed, SFT_SEED_TAG))
+    fleet = make_fleet(spec)
+    rng = random.Random(spread_seed(seed, SFT_SEED_TAG))
+    skipped_in_a_row = 0
     from tqdm import tqdm
 
     with tqdm(range(steps), desc="SFT of the base model", unit="step", mininterval=5) as bar:
         for step in bar:
-            problems = arithmetic_problems(batch_size, seed=spread_seed(cfg.trainer.seed, SFT_SEED_TAG, step),
+            problems = arithmetic_problems(batch_size, seed=spread_seed(seed, SFT_SEED_TAG, step),
                                            split="train", difficulty=cfg.task.difficulty)
             batch = add_batch_normalisers(sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise))
             metrics = fleet.forward_backward(batch, NLLObjective())
-            fleet.optim_step(lr_at(step, steps, cfg.model.sft_lr), grad_clip=1.0)
+            optim = fleet.optim_step(lr_at(step, steps, cfg.model.sft_lr), grad_clip=1.0)
+            skipped_in_a_row = skipped_in_a_row + 1 if optim["skipped"] else 0
+            if skipped_in_a_row >= cfg.trainer.max_skipped_steps:  # the fleet kept the weights as they were
+                fleet.shutdown()
+                raise NonFiniteTraining(step, f"SFT of the base model: {skipped_in_a_row} optimizer steps in a row "
+                                              f"were skipped (non-finite loss {metrics['loss/nll']} or gradient norm "
+                                              f"{optim['grad_norm']}); nothing was written")
             bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}", refresh=False)
     state = fleet.export_hf_state_dict()
     fleet.shutdown()

@@ -59,9 +59,13 @@ class MetricsTracker:
     """Writes each step's metrics to JSONL, W&B and the console; draws the plot on demand."""
 
     def __init__(self, run_dir: str | Path, cfg: LoggerConfig, run_config: dict, resume_step: int | None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, group: str | None = None, name: str | None = None,
+                 label: str = ""):
+        """``group``/``name``: the W&B group and run name (a sweep's experiments); ``label``
+        starts each console line (which experiment it is)."""
         self.run_dir = Path(run_dir)
         self.cfg = cfg
+        self.group, self.name, self.label = group, name or cfg.run_name, label
         self._bar = None
         if cfg.console and sys.stdout.isatty() and total_steps:
             from tqdm import tqdm
@@ -92,9 +96,11 @@ class MetricsTracker:
         return wandb.init(
             project=self.cfg.wandb_project,
             entity=self.cfg.wandb_entity,
-            name=self.cfg.run_name,
+            name=self.name,
+            group=self.group,
             id=run_id,
             resume="allow",
+            reinit="create_new",  # a sweep keeps one run per experiment open in this process
             mode=self.cfg.wandb_mode,
             dir=str(self.run_dir),
             config=run_config,
@@ -115,7 +121,7 @@ class MetricsTracker:
             if any(key.startswith("eval/") for key in metrics):
                 self._bar.write(self.console_line(step, metrics))
         elif self.cfg.console:
-            print(self.console_line(step, metrics), flush=True)
+            print(self.label + self.console_line(step, metrics), flush=True)
 
     @staticmethod
     def console_line(step: int, metrics: dict[str, Any]) -> str:

@@ -45,12 +45,14 @@ class TrainingFleetSpec:
 
 
 class TrainingRank:
-    """One Megatron rank inside a Ray actor (see ``TrainingFleet``)."""
+    """One Megatron rank inside a Ray actor (see ``TrainingFleet``), or a torchrun rank's own
+    (``in_rank``: its output and its process group are the rank's, ``trainers.launch.torchrun``)."""
 
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, rank: int, world_size: int, in_rank: bool = False):
         from rollout.engine import redirect_output
 
-        redirect_output(f"training-rank-{rank}")
+        if not in_rank:
+            redirect_output(f"training-rank-{rank}")
         self.rank, self.world_size = rank, world_size
         self.engine = None
         self._store = None
@@ -66,12 +68,19 @@ class TrainingRank:
         return host, self._store.port
 
     def start(self, master: tuple[str, int], spec: TrainingFleetSpec) -> int:
-        from parallel.engine import TrainingEngine
+        """Joins the fleet's process group at ``master``, then builds the engine."""
         from parallel.launch import join_group
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         spec.backend.bind()
         join_group(spec.backend.collective, master[0], master[1], self.rank, self.world_size)
+        return self.build(spec)
+
+    def build(self, spec: TrainingFleetSpec) -> int:
+        """This rank's engine (the process group is already there)."""
+        from parallel.engine import TrainingEngine
+
+        self._sync_blocks.clear()
         self.engine = TrainingEngine(spec.model_dir, spec.parallel, spec.lora, seed=spec.seed,
                                      micro_batch_size=spec.micro_batch_size, train_base=spec.train_base,
                                      backend=spec.backend)
@@ -97,7 +106,7 @@ class TrainingRank:
         return check_files(Path(root), entries[self.rank::self.world_size])
 
     # ---- weight sync: this rank is sender ``rank`` (rollout.sync) ----------------------------
-    def _blocks(self, method: str, adapter: str) -> list:
+    def sync_blocks(self, method: str, adapter: str) -> list:
         from parallel.weight_stream import adapter_blocks, merged_blocks
 
         if (method, adapter) not in self._sync_blocks:
@@ -108,7 +117,7 @@ class TrainingRank:
         return self._sync_blocks[(method, adapter)]
 
     def sync_pieces(self, method: str, adapter: str) -> list[tuple]:
-        return [dataclasses.astuple(b.meta) for b in self._blocks(method, adapter)]
+        return [dataclasses.astuple(b.meta) for b in self.sync_blocks(method, adapter)]
 
     def join_weight_sync(self, host: str, port: int, prefix: str, receivers: int) -> None:
         from rollout.sync_plan import join_group
@@ -119,7 +128,7 @@ class TrainingRank:
     def send_weights(self, adapter: str, method: str, buckets: list[list[int]]) -> dict[str, int]:
         from rollout.sync_plan import broadcast_buckets
 
-        return broadcast_buckets(self._sync_group, self._blocks(method, adapter), buckets, self.engine.device)
+        return broadcast_buckets(self._sync_group, self.sync_blocks(method, adapter), buckets, self.engine.device)
 
 
 class TrainingFleet(WeightSource):

@@ -1,4 +1,4 @@
-"""Fixtures of the launch tests: a real two-node Slurm cluster on this host, a shared model cache.
+"""Fixtures of the launch tests: a real two-node Slurm cluster on this host.
 
 The cluster is started by ``scripts/ci_slurm.sh start`` (munged, slurmctld, slurmd for node1
 and node2 on 127.0.0.1) unless one already answers, and stopped at the end if this session
@@ -31,9 +31,3 @@ def slurm_cluster():
     yield
     if started:
         subprocess.run(["bash", str(REPO / "scripts/ci_slurm.sh"), "stop"], check=True)
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    """One cache of the tiny base model and its SFT for every main job of these tests."""
-    return tmp_path_factory.mktemp("model-cache")

@@ -79,3 +79,19 @@ def test_a_bad_override_writes_nothing(override, message, tmp_path):
                            override], capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_jobs_run_one_agent_per_node_and_size_the_world():
+    script = rendered("trainer.launcher=torchrun", "launch.nodes=2", "launch.gpus_per_node=8", "launch.rdzv_port=29600")
+    args = bash_array(script, "DRIVER_ARGS")
+    assert args[1:3] == ["trainer.train_world_size=16", "rollout.engines=16"] and "trainer.launcher=torchrun" in args
+    assert '--nnodes="${#hosts[@]}" --nproc-per-node=8' in script and ":29600" in script
+    assert "ray start" not in script and "--gpus-per-node=8" in sbatch_options(script)
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_a_torchrun_world_the_allocation_cannot_hold_is_refused():
+    from rlcore.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer\.train_world_size=4.*launch\.nodes x processes per node = 2"):
+        rendered("trainer.launcher=torchrun", "trainer.train_world_size=4")

@@ -6,12 +6,16 @@ import importlib
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from rlcore.reward_scoring import _WORKER_CODE
 from rlcore.rewards import math_reward, score_batch
 from rlcore.validation import ConfigError
 
@@ -66,3 +70,16 @@ def test_bad_arguments() -> None:
         score_batch(math_reward, ["1"], ["1"], timeout_s=1.0, max_workers=0)
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         score_batch(math_reward, ["1", "2"], ["1"], timeout_s=1.0, max_workers=1)
+
+
+def test_a_worker_whose_caller_is_gone_exits_quietly():
+    """A driver stopped or killed mid-run: its reward workers exit 0 without a traceback."""
+    task_read, task_write = os.pipe()
+    result_read, result_write = os.pipe()
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, str(task_read), str(result_write)],
+                              pass_fds=(task_read, result_write), stderr=subprocess.PIPE, text=True)
+    for fd in (task_read, result_write, result_read):  # nobody will read its answers
+        os.close(fd)
+    Connection(task_write, readable=False).send_bytes(pickle.dumps(math_reward))
+    _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode == 0 and stderr == "", stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.server_proc import ServerProcess, build_base
+from tests.service.server_proc import HPCAI_SERVED, SERVED, ServerProcess, build_base
 
 
 @pytest.fixture(scope="session")
@@ -13,12 +13,22 @@ def base_model(tmp_path_factory):
     return build_base(tmp_path_factory.mktemp("service-base"))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, base_model):
-    """A server on SQLite with a small body limit (for the oversize checks) and two keys."""
-    proc = ServerProcess(tmp_path_factory.mktemp("service"), base_model[0],
-                         ["service.limits.max_body_bytes=2000000"])
+def _serving(tmp_path_factory, model_dir, served: str, overrides: list[str]):
+    proc = ServerProcess(tmp_path_factory.mktemp("service"), model_dir, overrides, served=served)
     proc.start()
     proc.keys = {name: proc.admin("keys", "create", name) for name in ("alice", "bob")}
     yield proc
     assert proc.stop() == 0, proc.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, base_model):
+    """A server on SQLite with a small body limit (for the oversize checks) and two keys."""
+    yield from _serving(tmp_path_factory, base_model[0], SERVED, ["service.limits.max_body_bytes=2000000"])
+
+
+@pytest.fixture(scope="module")
+def hpcai_server(tmp_path_factory, base_model):
+    """A server serving the tiny model under the hpcai cookbook's name, two keys; short long
+    polls, so an unfinished future is answered within seconds."""
+    yield from _serving(tmp_path_factory, base_model[0], HPCAI_SERVED, ["service.ttl.long_poll_s=3"])

@@ -1,8 +1,10 @@
 """The real service as a separate process, for tests: start, wait for its URL, stop or kill.
 
 The served model is the embedded tiny Qwen3-vocabulary MoE, built once into the test's
-folder and filed in a test ``HF_HOME`` under ``SERVED`` (a name the cookbook's renderer table
-lists), so ``AutoTokenizer.from_pretrained(SERVED)`` works offline as the cookbook needs.
+folder and filed in a test ``HF_HOME`` under ``SERVED`` and ``HPCAI_SERVED`` (names the tinker
+and hpcai cookbooks' renderer tables list; the hpcai recipes hard-code theirs), so
+``AutoTokenizer.from_pretrained(name)`` works offline as the cookbooks need. A server serves the
+tiny model under one of these names.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 SERVED = "Qwen/Qwen3-8B-Base"
+HPCAI_SERVED = "Qwen/Qwen3-4B"
 URL = re.compile(r"http://127\.0\.0\.1:(\d+)")
 
 
 def build_base(folder: Path) -> tuple[Path, Path]:
-    """(checkpoint dir, HF_HOME) with the tokenizer filed under ``SERVED``."""
+    """(checkpoint dir, HF_HOME) with the tokenizer filed under ``SERVED`` and ``HPCAI_SERVED``."""
     from parallel.arch.qwen3_vocab import install_tokenizer_alias
     from trainers.service.tiny_base import build_tiny_base
 
     model = build_tiny_base(folder / "tiny-qwen3-moe")
     hf_home = folder / "hf_home"
-    install_tokenizer_alias(model, SERVED, hf_home)
+    for name in (SERVED, HPCAI_SERVED):
+        install_tokenizer_alias(model, name, hf_home)
     return model, hf_home
 
 
@@ -39,12 +43,14 @@ def client_env(hf_home: Path, url: str, key: str) -> dict[str, str]:
 
 
 class ServerProcess:
-    """``scripts/serve.py`` with ``overrides``; its output goes to ``log``."""
+    """``scripts/serve.py`` serving ``model_dir`` as ``served``, with ``overrides``; its output
+    goes to ``log``."""
 
-    def __init__(self, state_dir: Path, model_dir: Path, overrides: list[str] = (), port: int = 0):
+    def __init__(self, state_dir: Path, model_dir: Path, overrides: list[str] = (), port: int = 0,
+                 served: str = SERVED):
         self.state_dir = Path(state_dir)
         self.overrides = [f"service.state_dir={state_dir}", f"service.port={port}",
-                          f"++service.base_models={{{SERVED}: {model_dir}}}", *overrides]
+                          f"++service.base_models={{{served}: {model_dir}}}", *overrides]
         self.log = self.state_dir / "server.log"
         self.proc: subprocess.Popen | None = None
         self.url = ""

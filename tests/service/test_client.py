@@ -16,6 +16,7 @@ import tinker
 import torch
 from tinker import types
 
+from tests.service.references import loss_formula, peft_logprobs
 from tests.service.server_proc import SERVED
 
 pytestmark = pytest.mark.slow  # about 3.5 minutes on 2 cores
@@ -60,28 +61,7 @@ def test_training_round_trip_and_peft_parity(service, server, base_model, tmp_pa
     for name, url in urls.urls.items():
         urllib.request.urlretrieve(url, target / name)
     served = lp_of(tc.forward([datum()], "cross_entropy").result().loss_fn_outputs[0])
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model[0], dtype=torch.float32),
-                                      str(target)).eval()
-    d = datum()
-    ids = torch.tensor([d.model_input.to_ints()])
-    with torch.no_grad():
-        ref = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-    ref = ref.gather(-1, torch.tensor(d.loss_fn_inputs["target_tokens"].tolist())[:, None])[:, 0].double().numpy()
-    assert np.abs(served - ref).max() <= 1e-4
-
-
-def _formula(name, lp, old, adv, cfg):
-    r = torch.exp(lp - old)
-    if name == "importance_sampling":
-        return -(r * adv).sum()
-    if name == "ppo":
-        return -torch.minimum(r * adv, r.clamp(cfg["clip_low_threshold"], cfg["clip_high_threshold"]) * adv).sum()
-    if name == "cispo":
-        return -(r.clamp(cfg["clip_low_threshold"], cfg["clip_high_threshold"]).detach() * lp * adv).sum()
-    return -(lp * adv - 0.5 * cfg["beta"] * (lp - old) ** 2).sum()
+    assert np.abs(served - peft_logprobs(base_model[0], target, TOKENS[:25])).max() <= 1e-4
 
 
 @pytest.mark.parametrize("loss_fn,cfg", [("importance_sampling", {}), ("ppo", {"clip_low_threshold": 0.9,
@@ -101,7 +81,7 @@ def test_rl_loss_value_and_gradient(service, loss_fn, cfg):
                                                                   if k != "weights"})
     out = a.forward_backward([rl], loss_fn, cfg).result()
     leaf = lp.clone().requires_grad_(True)
-    loss = _formula(loss_fn, leaf, old.float().double(), adv.float().double(), cfg)
+    loss = loss_formula(loss_fn, leaf, old.float().double(), adv.float().double(), cfg)
     loss.backward()
     assert out.metrics["loss:sum"] == pytest.approx(float(loss), rel=1e-4, abs=1e-4)
     b.forward_backward([datum(weights=(-leaf.grad).float().tolist())], "cross_entropy").result()
@@ -217,3 +197,19 @@ def test_rest_client(service, server):
 
 def session_in(rest) -> bool:
     return len(rest.list_sessions().result().sessions) >= 1
+
+
+def test_a_non_finite_step_is_refused_and_the_adapter_kept(service):
+    """Finite weights whose loss overflows fp32: optim_step answers with an error and the
+    adapter stays as it was (non-finite inputs are refused before they run)."""
+    tc = service.create_lora_training_client(base_model=SERVED, rank=2, seed=4).result()
+    tc.forward_backward([datum()], "cross_entropy").result()
+    tc.optim_step(adam()).result()
+    before = lp_of(tc.forward([datum()], "cross_entropy").result().loss_fn_outputs[0])
+    tc.forward_backward([datum(weights=[1e38] * 24)], "cross_entropy").result()
+    with pytest.raises(tinker.TinkerError, match="not finite; the adapter is unchanged"):
+        tc.optim_step(adam()).result()
+    np.testing.assert_array_equal(lp_of(tc.forward([datum()], "cross_entropy").result().loss_fn_outputs[0]), before)
+    tc.forward_backward([datum()], "cross_entropy").result()
+    tc.optim_step(adam()).result()  # and the adapter trains on
+    assert not np.array_equal(lp_of(tc.forward([datum()], "cross_entropy").result().loss_fn_outputs[0]), before)

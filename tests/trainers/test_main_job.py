@@ -81,19 +81,6 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("model-cache")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache):
-    base = tmp_path_factory.mktemp("uninterrupted")
-    run_dir, log = base / "run", base / "log.txt"
-    finish(start(overrides(run_dir, cache), log), log)
-    return run_dir
-
-
 def test_short_run_produces_everything(uninterrupted):
     summary = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["steps"] == STEPS
@@ -121,25 +108,25 @@ def test_short_run_produces_everything(uninterrupted):
     assert all(r["optim/skipped_steps"] == 0 for r in rows(uninterrupted)[1:])
 
 
-def test_sigkill_and_resume_matches_the_uninterrupted_run(tmp_path, cache, uninterrupted):
+def test_sigkill_and_resume_matches_the_uninterrupted_run(tmp_path, model_cache, uninterrupted):
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start(overrides(run_dir, cache), log)
+    proc = start(overrides(run_dir, model_cache), log)
     checkpoint = run_dir / "checkpoints" / "step_000002" / "COMPLETE"
     wait_for(checkpoint.is_file, proc, log)
     kill_session(proc)
     assert max(r["step"] for r in rows(run_dir)) < STEPS
 
     log2 = tmp_path / "log-resumed.txt"
-    finish(start(overrides(run_dir, cache), log2), log2)
+    finish(start(overrides(run_dir, model_cache), log2), log2)
     assert "resumed from" in log2.read_text()
     resumed = rows(run_dir)
     assert [r["step"] for r in resumed] == list(range(STEPS + 1)), "every step once, none skipped"
     assert_same_rows(resumed, rows(uninterrupted), after=2)
 
 
-def test_a_killed_rollout_engine_is_restarted_and_the_run_finishes(tmp_path, cache, uninterrupted):
+def test_a_killed_rollout_engine_is_restarted_and_the_run_finishes(tmp_path, model_cache, uninterrupted):
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start(overrides(run_dir, cache, steps=3), log)
+    proc = start(overrides(run_dir, model_cache, steps=3), log)
     wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= 2, proc, log)
     engines = session_processes(os.getsid(proc.pid), "ray::RolloutEngine")
     assert engines, "no rollout engine process found"
@@ -157,14 +144,14 @@ def adapter(run_dir: Path) -> dict:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_a_poisoned_step_is_skipped_and_training_goes_on(tmp_path, cache):
+def test_a_poisoned_step_is_skipped_and_training_goes_on(tmp_path, model_cache):
     """Step 2's gradients are NaN on the training ranks (real backward through Megatron): its
     4 optimizer steps are skipped, the later steps train, and the final adapter equals a run
     whose step 2 simply had no update."""
     finals = {}
     for kind in ("nan", "skip_update"):
         run_dir, log = tmp_path / kind, tmp_path / f"{kind}.txt"
-        finish(start(overrides(run_dir, cache, steps=3) + [
+        finish(start(overrides(run_dir, model_cache, steps=3) + [
             "trainer.fault_steps=[2]", f"trainer.fault_kind={kind}", "trainer.max_skipped_steps=5"], log), log)
         finals[kind] = (adapter(run_dir), rows(run_dir))
     (poisoned, poisoned_rows), (absent, _) = finals["nan"], finals["skip_update"]
@@ -179,11 +166,11 @@ def test_a_poisoned_step_is_skipped_and_training_goes_on(tmp_path, cache):
     assert any(float(t.abs().max()) > 0 for k, t in absent.items() if "lora_B" in k)  # it trained
 
 
-def test_a_run_that_keeps_going_non_finite_stops_with_its_last_good_checkpoint(tmp_path, cache):
+def test_a_run_that_keeps_going_non_finite_stops_with_its_last_good_checkpoint(tmp_path, model_cache):
     import torch
 
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start(overrides(run_dir, cache, steps=4) + ["trainer.fault_steps=[2,3,4]"], log)
+    proc = start(overrides(run_dir, model_cache, steps=4) + ["trainer.fault_steps=[2,3,4]"], log)
     rc = proc.wait(timeout=900)
     text = log.read_text()
     assert rc == 1, text[-6000:]
@@ -197,9 +184,9 @@ def test_a_run_that_keeps_going_non_finite_stops_with_its_last_good_checkpoint(t
     assert not (run_dir / "checkpoints" / "step_000002").exists()
 
 
-def test_sigterm_checkpoints_at_the_step_boundary_and_a_second_driver_is_refused(tmp_path, cache, uninterrupted):
+def test_sigterm_checkpoints_at_the_step_boundary_and_a_second_driver_is_refused(tmp_path, model_cache, uninterrupted):
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    args = overrides(run_dir, cache) + ["trainer.checkpoint_every=10"]
+    args = overrides(run_dir, model_cache) + ["trainer.checkpoint_every=10"]
     proc = start(args, log)
     session = os.getsid(proc.pid)
     wait_for(lambda: "training fleet:" in log.read_text(), proc, log)
@@ -230,14 +217,14 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_a_second_driver_is_refused
     assert_same_rows(rows(run_dir), rows(uninterrupted), after=done)
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache, uninterrupted):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, model_cache, uninterrupted):
     import shutil
 
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
     shutil.copytree(uninterrupted, run_dir, ignore=shutil.ignore_patterns(".lock"))
     damaged = run_dir / "checkpoints" / "step_000004" / "trainer_state.pt"
     damaged.write_bytes(damaged.read_bytes()[:-100])  # truncated after its COMPLETE marker
-    finish(start(overrides(run_dir, cache, steps=STEPS), log), log)
+    finish(start(overrides(run_dir, model_cache, steps=STEPS), log), log)
     text = log.read_text()
     assert "checkpoint step 4 is damaged" in text and str(damaged) in text
     assert "resumed from" in text and "step_000003 at step 4" in text
@@ -259,9 +246,9 @@ def assert_same_rows(got: list[dict], want: list[dict], after: int) -> None:
             assert value == pytest.approx(expected[key], rel=1e-5, abs=1e-7), (row["step"], key)
 
 
-def test_a_dead_training_rank_stops_the_run_with_how_to_resume(tmp_path, cache):
+def test_a_dead_training_rank_stops_the_run_with_how_to_resume(tmp_path, model_cache):
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
-    proc = start(overrides(run_dir, cache, steps=50), log)
+    proc = start(overrides(run_dir, model_cache, steps=50), log)
     # step 2 logged: step 1's checkpoint is complete
     wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= 3, proc, log)
     # Rank 1: its death also breaks rank 0's collectives, whose error may be seen first.

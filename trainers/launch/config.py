@@ -58,6 +58,9 @@ class LaunchConfig:
     worker_ports_per_node: int = 200
     dashboard_port: int | None = None  # None: no dashboard
     join_timeout_s: float = 180.0  # how long the job waits for every node to join
+    # torchrun (trainer.launcher=torchrun): the c10d rendezvous port on the first node; one
+    # process per GPU of a node (one per node without GPUs).
+    rdzv_port: int = 29500
     # Paths: the run directory every node must see, and the Python environment on the nodes.
     run_dir: str = "outputs/run"  # configs/launch/default.yaml makes it follow trainer.run_dir
     venv: str = ".venv"
@@ -111,7 +114,8 @@ class LaunchConfig:
             raise ConfigError("launch.worker_port_base", self.worker_port_base,
                               f"worker ports {workers[0]}-{workers[1]} overlap the node ports "
                               f"{service[0]}-{service[1]}")
-        singles = {"ray_port": self.ray_port}
+        _check_port("rdzv_port", self.rdzv_port)
+        singles = {"ray_port": self.ray_port, "rdzv_port": self.rdzv_port}
         if self.dashboard_port is not None:
             _check_port("dashboard_port", self.dashboard_port)
             singles["dashboard_port"] = self.dashboard_port
@@ -119,8 +123,14 @@ class LaunchConfig:
             for lo, hi in (service, workers):
                 if lo <= port <= hi:
                     raise ConfigError(f"launch.{name}", port, f"must lie outside the per-node ports {lo}-{hi}")
-        if self.dashboard_port == self.ray_port:
-            raise ConfigError("launch.dashboard_port", self.dashboard_port, "must differ from launch.ray_port")
+        if len(set(singles.values())) < len(singles):
+            raise ConfigError(f"launch.{list(singles)[-1]}", list(singles.values())[-1],
+                              f"must differ from the other single ports {singles}")
+
+    @property
+    def procs_per_node(self) -> int:
+        """torchrun's ``--nproc-per-node``: a rank per GPU, or one per node without GPUs."""
+        return self.gpus_per_node or 1
 
     def node_ports(self, index: int) -> dict[str, int]:
         """The service ports of node ``index`` and its worker port range, by ``ray start`` flag."""

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from rlcore.validation import ConfigError
 from trainers.launch import job as launch_job
 from trainers.launch.job import Job
 from trainers.launch.ray_cluster import ray_start_flags
@@ -27,7 +28,26 @@ def absolute(path: str) -> Path:
 
 
 def prepare(overrides: list[str]) -> Job:
-    return launch_job.compose(overrides, lambda cfg: launch_job.shared_staging(str(absolute(cfg.run_dir)), cfg.nodes))
+    """The job; under torchrun the world (``launch.nodes`` x processes per node) is by default
+    the training ranks and the engines both."""
+    staging = lambda cfg: launch_job.shared_staging(str(absolute(cfg.run_dir)), cfg.nodes)  # noqa: E731
+    job = launch_job.compose(overrides, staging)
+    if job.tree["trainer"]["launcher"] == "torchrun":
+        world = lambda cfg: cfg.nodes * cfg.procs_per_node  # noqa: E731
+        job = launch_job.compose(overrides, lambda cfg: [*staging(cfg), f"trainer.train_world_size={world(cfg)}",
+                                                         f"rollout.engines={world(cfg)}"])
+        check_torchrun_world(job)
+    return job
+
+
+def check_torchrun_world(job: Job) -> None:
+    """Under torchrun every rank is a training rank with an engine: both counts are the world."""
+    world = job.launch.nodes * job.launch.procs_per_node
+    for name, value in (("trainer.train_world_size", job.tree["trainer"]["train_world_size"]),
+                        ("rollout.engines", job.tree["rollout"]["engines"])):
+        if value != world:
+            raise ConfigError(name, value, f"must equal launch.nodes x processes per node = {world} "
+                                           "with trainer.launcher=torchrun")
 
 
 def sbatch_lines(job: Job) -> list[str]:
@@ -41,17 +61,23 @@ def sbatch_lines(job: Job) -> list[str]:
 
 
 def render(job: Job) -> str:
+    """The sbatch script: a Ray cluster over the allocation, or torchrun agents
+    (``trainer.launcher=torchrun``)."""
     cfg = job.launch
     run_dir, venv = absolute(cfg.run_dir), absolute(cfg.venv)
+    common = dict(job_name=cfg.job_name, nodes=cfg.nodes, cpus_per_node=cfg.cpus_per_node,
+                  time_limit=cfg.time_limit, output=run_dir / LAUNCH_DIR / "slurm-%j.out",
+                  sbatch_lines="\n".join(sbatch_lines(job)), workdir=shlex.quote(str(launch_job.REPO)),
+                  driver_args=" ".join(shlex.quote(arg) for arg in job.driver_args(str(run_dir))))
+    if job.tree["trainer"]["launcher"] == "torchrun":
+        return launch_job.render("slurm_torchrun.sbatch", **common, rdzv_port=cfg.rdzv_port,
+                                 nproc_per_node=cfg.procs_per_node,
+                                 torchrun=shlex.quote(str(venv / "bin" / "torchrun")))
     return launch_job.render(
-        "slurm.sbatch",
-        job_name=cfg.job_name, nodes=cfg.nodes, cpus_per_node=cfg.cpus_per_node, time_limit=cfg.time_limit,
-        output=run_dir / LAUNCH_DIR / "slurm-%j.out", sbatch_lines="\n".join(sbatch_lines(job)),
-        workdir=shlex.quote(str(launch_job.REPO)), python=shlex.quote(str(venv / "bin" / "python")),
+        "slurm.sbatch", **common, python=shlex.quote(str(venv / "bin" / "python")),
         ray=shlex.quote(str(venv / "bin" / "ray")), run_dir=shlex.quote(str(run_dir)),
         join_timeout_s=cfg.join_timeout_s, ray_port=cfg.ray_port,
         node_flags="\n".join(f"    {shlex.quote(' '.join(ray_start_flags(cfg, i)))}" for i in range(cfg.nodes)),
-        driver_args=" ".join(shlex.quote(arg) for arg in job.driver_args(str(run_dir))),
     )
 
 

@@ -1,10 +1,11 @@
 """Request bodies of the JSON endpoints (pydantic): a malformed body is answered 422 with the
-field's location; unknown extra fields sent by newer clients are ignored."""
+field's location; unknown extra fields sent by newer clients are ignored. The hpcai client's
+bodies (no sessions, no seq_id, training data as JSON) are at the end."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -143,3 +144,41 @@ class WeightsInfoBody(Body):
 
 class TtlBody(Body):
     ttl_seconds: int | None = Field(None, ge=1)
+
+
+# --- the hpcai client's dialect -----------------------------------------------------------
+class HpcaiCreateModelBody(Body):
+    base_model: str
+    lora_config: LoraBody = Field(default_factory=LoraBody)
+
+
+class TensorBody(Body):
+    data: list[float]
+    dtype: Literal["int64", "float32"]
+    shape: list[int] | None = None
+
+
+class DatumBody(Body):
+    model_input: Prompt
+    loss_fn_inputs: dict[str, TensorBody]
+
+
+class CallInputBody(Body):
+    data: list[DatumBody] = Field(min_length=1)
+    loss_fn: str
+
+
+class HpcaiForwardBackwardBody(ModelIdBody):
+    forward_backward_input: CallInputBody
+
+
+class HpcaiForwardBody(ModelIdBody):
+    forward_input: CallInputBody
+
+
+class HpcaiOptimBody(ModelIdBody):
+    adam_params: AdamBody
+
+
+class HpcaiPathBody(ModelIdBody):
+    path: str

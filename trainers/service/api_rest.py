@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime
 import secrets
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from sqlalchemy.engine import Row
 
-from trainers.service import paths
+from trainers.service import ckpt_files, paths
 from trainers.service.api_models import TtlBody, WeightsInfoBody
 from trainers.service.api_training import Who, own_model, resolve_checkpoint, service_of
 from trainers.service.db import downloads
@@ -38,9 +38,10 @@ def checkpoint_json(row: Row) -> dict:
             "user_metadata": row.user_metadata, "expires_at": _iso(row.expires_at)}
 
 
-def _run_json(svc, who, model: Row) -> dict:
+def run_json(svc, who, model: Row, ckpt_json: Callable[[Row], dict] = checkpoint_json) -> dict:
+    """A training run, its newest checkpoints written by ``ckpt_json`` (the client's form)."""
     ckpts, _ = svc.store.list_checkpoints(who.key_id, model.id)
-    last = {kind: next((checkpoint_json(c) for c in reversed(ckpts) if c.kind == kind), None)
+    last = {kind: next((ckpt_json(c) for c in reversed(ckpts) if c.kind == kind), None)
             for kind in ("training", "sampler")}
     meta = {str(k): str(v) for k, v in (model.user_metadata or {}).items()}
     return {"training_run_id": model.id, "base_model": model.base_model, "model_owner": who.name, "is_lora": True,
@@ -59,17 +60,20 @@ def get_server_capabilities(request: Request, who: Who) -> dict:
                                  for m in service_of(request).models.values()]}
 
 
+def training_runs(svc, who, limit: int, offset: int, ckpt_json: Callable[[Row], dict] = checkpoint_json) -> dict:
+    rows, total = svc.store.list_models(who.key_id, max(0, min(limit, 1000)), max(0, offset))
+    return {"training_runs": [run_json(svc, who, m, ckpt_json) for m in rows], "cursor": _cursor(limit, offset, total)}
+
+
 @router.get("/training_runs")
 def list_training_runs(request: Request, who: Who, limit: int = 20, offset: int = 0) -> dict:
-    svc = service_of(request)
-    rows, total = svc.store.list_models(who.key_id, max(0, min(limit, 1000)), max(0, offset))
-    return {"training_runs": [_run_json(svc, who, m) for m in rows], "cursor": _cursor(limit, offset, total)}
+    return training_runs(service_of(request), who, limit, offset)
 
 
 @router.get("/training_runs/{run_id}")
 def get_training_run(run_id: str, request: Request, who: Who) -> dict:
     svc = service_of(request)
-    return _run_json(svc, who, own_model(svc, who, run_id))
+    return run_json(svc, who, own_model(svc, who, run_id))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
@@ -147,9 +151,12 @@ def download(token: str, relpath: str, request: Request) -> FileResponse:
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
 def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request, who: Who) -> None:
-    row = _own_checkpoint(request, who, run_id, checkpoint_id)
-    service_of(request).store.delete_checkpoint(row.id)
-    shutil.rmtree(row.directory, ignore_errors=True)
+    remove_checkpoint(service_of(request), _own_checkpoint(request, who, run_id, checkpoint_id))
+
+
+def remove_checkpoint(svc, row: Row) -> None:
+    svc.store.delete_checkpoint(row.id)
+    ckpt_files.remove(Path(row.directory))
 
 
 @router.post("/weights_info")

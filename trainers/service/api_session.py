@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, HTTPException, Request, Response
+from sqlalchemy.engine import Row
 from starlette.concurrency import run_in_threadpool
 
 from trainers.service.api_models import (
@@ -21,6 +22,7 @@ from trainers.service.api_models import (
     SessionBody,
 )
 from trainers.service.api_training import Who, resolve_checkpoint, service_of
+from trainers.service.dialect import DIALECTS
 from trainers.service.service import Service, canonical
 from trainers.service.store import TERMINAL, Submission
 
@@ -70,8 +72,8 @@ def finish_session(session_id: str, body: FinishBody, request: Request, who: Who
     return {"status": "finished"}
 
 
-def _sampler_source(svc: Service, who, base_model: str | None, model_path: str | None) -> tuple[str, str | None]:
-    """(base model, sampler weights directory or None) for a base name or a tinker:// path."""
+def sampler_source(svc: Service, who, base_model: str | None, model_path: str | None) -> tuple[str, str | None]:
+    """(base model, sampler weights directory or None) for a base name or a checkpoint path."""
     if model_path:
         ckpt = resolve_checkpoint(svc, who, model_path, ("sampler", "training"), "model_path")
         return svc.store.model(None, ckpt.model_id).base_model, ckpt.directory
@@ -85,7 +87,7 @@ def create_sampling_session(body: SamplingSessionBody, request: Request, who: Wh
     svc = service_of(request)
     if svc.store.session(who.key_id, body.session_id) is None:
         raise HTTPException(404, f"session_id: no session {body.session_id!r}")
-    base, weights = _sampler_source(svc, who, body.base_model, body.model_path)
+    base, weights = sampler_source(svc, who, body.base_model, body.model_path)
     sid = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
     svc.insert_once(svc.store.insert_sampling_session, id=sid, key_id=who.key_id, session_id=body.session_id,
                     base_model=base, model_path=body.model_path, weights_dir=weights)
@@ -116,7 +118,16 @@ def asample(body: SampleBody, request: Request, who: Who) -> dict:
             raise HTTPException(404, f"sampling_session_id: no sampler {body.sampling_session_id!r}")
         base, weights, session_id = row.base_model, row.weights_dir, row.session_id
     else:
-        base, weights = _sampler_source(svc, who, body.base_model, body.model_path)
+        base, weights = sampler_source(svc, who, body.base_model, body.model_path)
+    payload = sample_payload(svc, body, base, weights)
+    seq = body.seq_id if body.sampling_session_id else None
+    rid = svc.submit(who, Submission(who.key_id, "sample", payload, session_id, body.sampling_session_id, seq,
+                                     request.headers.get("x-idempotency-key")))
+    return {"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(body.num_samples)]}
+
+
+def sample_payload(svc: Service, body: SampleBody, base: str, weights: str | None) -> bytes:
+    """The stored body of a sample request, after checking it against the limits (400/413)."""
     prompt = [t for chunk in body.prompt.chunks for t in chunk.tokens]
     if any(chunk.type != "encoded_text" for chunk in body.prompt.chunks):
         raise HTTPException(400, "prompt.chunks: only encoded_text chunks are supported")
@@ -136,32 +147,33 @@ def asample(body: SampleBody, request: Request, who: Who) -> dict:
     stop = _stop(params.stop)
     if stop and isinstance(stop[0], int) and (min(stop) < 0 or max(stop) >= vocab):
         raise HTTPException(400, f"sampling_params.stop: token ids must lie in [0, {vocab})")
-    payload = canonical({"base_model": base, "weights_dir": weights, "prompt": prompt, "num_samples": body.num_samples,
-                         "max_tokens": max_tokens, "temperature": params.temperature, "top_k": params.top_k,
-                         "top_p": params.top_p, "seed": params.seed, "stop": stop,
-                         "prompt_logprobs": bool(body.prompt_logprobs) or body.topk_prompt_logprobs > 0,
-                         "topk_prompt_logprobs": body.topk_prompt_logprobs})
-    seq = body.seq_id if body.sampling_session_id else None
-    rid = svc.submit(who, Submission(who.key_id, "sample", payload, session_id, body.sampling_session_id, seq,
-                                     request.headers.get("x-idempotency-key")))
-    return {"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(body.num_samples)]}
+    return canonical({"base_model": base, "weights_dir": weights, "prompt": prompt, "num_samples": body.num_samples,
+                      "max_tokens": max_tokens, "temperature": params.temperature, "top_k": params.top_k,
+                      "top_p": params.top_p, "seed": params.seed, "stop": stop,
+                      "prompt_logprobs": bool(body.prompt_logprobs) or body.topk_prompt_logprobs > 0,
+                      "topk_prompt_logprobs": body.topk_prompt_logprobs})
+
+
+async def wait_for(svc: Service, who, request_id: str) -> Row:
+    """The request once it finished, or as it is after ``ttl.long_poll_s`` (404 if not the caller's)."""
+    deadline = time.monotonic() + svc.cfg.ttl.long_poll_s
+    while True:
+        row = await run_in_threadpool(svc.store.request, who.key_id, request_id)
+        if row is None:
+            raise HTTPException(404, f"request_id: no request {request_id!r}")
+        if row.status in TERMINAL or time.monotonic() >= deadline:
+            return row
+        await svc.notifier.wait(row.id, min(1.0, deadline - time.monotonic()))
 
 
 @router.post("/retrieve_future")
 async def retrieve_future(body: FutureBody, request: Request, who: Who) -> Response:
-    svc = service_of(request)
-    deadline = time.monotonic() + svc.cfg.ttl.long_poll_s
-    while True:
-        row = await run_in_threadpool(svc.store.request, who.key_id, body.request_id)
-        if row is None:
-            raise HTTPException(404, f"request_id: no request {body.request_id!r}")
-        if row.status in TERMINAL or time.monotonic() >= deadline:
-            break
-        await svc.notifier.wait(row.id, min(1.0, deadline - time.monotonic()))
+    row = await wait_for(service_of(request), who, body.request_id)
     if row.status == "done":
         return Response(row.result, media_type=PROTO if row.result_proto else "application/json")
     if row.status == "failed":
         return Response(canonical({"error": row.error, "category": row.category or "unknown"}),
                         media_type="application/json")
-    return Response(canonical({"type": "try_again", "request_id": row.id, "queue_state": row.queue_state}),
+    state = DIALECTS[row.dialect].queue_state(row.queue_state)
+    return Response(canonical({"type": "try_again", "request_id": row.id, "queue_state": state}),
                     media_type="application/json")

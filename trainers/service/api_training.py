@@ -18,13 +18,14 @@ from trainers.service import paths
 from trainers.service.api_models import (
     CreateModelBody,
     LoadBody,
+    LoraBody,
     ModelIdBody,
     OptimBody,
     SaveBody,
     SaveForSamplerBody,
 )
 from trainers.service.auth import Caller, caller
-from trainers.service.codec import WireError, decode_forward_backward, model_and_seq
+from trainers.service.codec import ForwardBackwardCall, WireError, decode_forward_backward, model_and_seq
 from trainers.service.service import Service, canonical
 from trainers.service.store import Submission
 
@@ -43,7 +44,7 @@ def own_model(svc: Service, who: Caller, model_id: str) -> Row:
     return model
 
 
-def _future(rid: str, model_id: str | None = None) -> dict:
+def future(rid: str, model_id: str | None = None) -> dict:
     return {"request_id": rid, "model_id": model_id}
 
 
@@ -68,8 +69,9 @@ def _rank_limit(svc: Service, who: Caller, base_model: str) -> int:
     return min(limits + ([who.limits.max_lora_rank] if who.limits.max_lora_rank else []))
 
 
-def _new_model(svc: Service, who: Caller, session_id: str, model_seq_id: int, base_model: str, lora: dict,
-               user_metadata: dict | None) -> str:
+def new_model(svc: Service, who: Caller, session_id: str, model_id: str, base_model: str, lora: dict,
+              user_metadata: dict | None) -> None:
+    """Checks a new model's settings and stores it (once: a resubmission finds it)."""
     if svc.store.session(who.key_id, session_id) is None:
         raise HTTPException(404, f"session_id: no session {session_id!r}")
     if base_model not in svc.models:
@@ -79,7 +81,6 @@ def _new_model(svc: Service, who: Caller, session_id: str, model_seq_id: int, ba
                                  f"{_rank_limit(svc, who, base_model)}")
     if not (lora["train_mlp"] or lora["train_attn"] or lora["train_unembed"]):
         raise HTTPException(400, "lora_config: at least one of train_mlp, train_attn, train_unembed must be true")
-    model_id = f"{session_id}:train:{model_seq_id}"
     existing = svc.store.model(None, model_id)
     if existing is None:
         if who.limits.max_models and svc.store.list_models(who.key_id, limit=0)[1] >= who.limits.max_models:
@@ -88,19 +89,25 @@ def _new_model(svc: Service, who: Caller, session_id: str, model_seq_id: int, ba
                         base_model=base_model, lora=lora, user_metadata=user_metadata)
     elif existing.key_id != who.key_id:
         raise HTTPException(404, f"session_id: no session {session_id!r}")
-    return model_id
+
+
+def submit_create(svc: Service, who: Caller, request: Request, session_id: str, model_id: str, base_model: str,
+                  lora_body: LoraBody, user_metadata: dict | None, dialect: str = "tinker") -> dict:
+    """Stores a new LoRA model named ``model_id`` and the request that creates its adapter."""
+    lora = lora_body.model_dump()
+    lora["seed"] = lora["seed"] or 0
+    new_model(svc, who, session_id, model_id, base_model, lora, user_metadata)
+    payload = canonical({"base_model": base_model, "lora": lora, "load": None})
+    rid = svc.submit(who, Submission(who.key_id, "create_model", payload, session_id, model_id, 0,
+                                     request.headers.get("x-idempotency-key"), dialect=dialect))
+    return future(rid, model_id)
 
 
 @router.post("/create_model")
 def create_model(body: CreateModelBody, request: Request, who: Who) -> dict:
-    svc = service_of(request)
-    lora = body.lora_config.model_dump()
-    lora["seed"] = lora["seed"] or 0
-    model_id = _new_model(svc, who, body.session_id, body.model_seq_id, body.base_model, lora, body.user_metadata)
-    payload = canonical({"base_model": body.base_model, "lora": lora, "load": None})
-    rid = svc.submit(who, Submission(who.key_id, "create_model", payload, body.session_id, model_id, 0,
-                                     request.headers.get("x-idempotency-key")))
-    return _future(rid, model_id)
+    return submit_create(service_of(request), who, request, body.session_id,
+                         f"{body.session_id}:train:{body.model_seq_id}", body.base_model, body.lora_config,
+                         body.user_metadata)
 
 
 @router.post("/get_info")
@@ -113,7 +120,7 @@ def get_info(body: ModelIdBody, request: Request, who: Who) -> dict:
             "model_data": {"arch": info.arch, "model_name": model.base_model, "tokenizer_id": info.tokenizer_id}}
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise HTTPException(413, f"body: larger than the limit of {limit} bytes")
@@ -133,7 +140,7 @@ async def forward_backward(request: Request, who: Who) -> dict:
     from starlette.concurrency import run_in_threadpool
 
     svc = service_of(request)
-    body = await _read_body(request, svc.cfg.limits.max_body_bytes)
+    body = await read_body(request, svc.cfg.limits.max_body_bytes)
     return await run_in_threadpool(_submit_forward_backward, svc, who, body, request)
 
 
@@ -146,14 +153,15 @@ def _submit_forward_backward(svc: Service, who: Caller, body: bytes, request: Re
     if seq_id < 1:
         raise HTTPException(400, f"seq_id: must be >= 1, got {seq_id}")
     try:
-        call = decode_forward_backward(body, svc.vocab[model.base_model])
-        _check_call(svc, model, call)
+        check_forward_backward(svc, model, body)
     except (WireError, LossInputError) as err:
         raise refuse(svc, who, model, "forward_backward", seq_id, body, request, 400, str(err)) from None
-    return _future(submit_model_op(svc, who, model, "forward_backward", seq_id, body, request), model.id)
+    return future(submit_model_op(svc, who, model, "forward_backward", seq_id, body, request), model.id)
 
 
-def _check_call(svc: Service, model: Row, call) -> None:
+def check_forward_backward(svc: Service, model: Row, body: bytes) -> ForwardBackwardCall:
+    """The decoded call, if the model can run it (else ``WireError`` or ``LossInputError``)."""
+    call = decode_forward_backward(body, svc.vocab[model.base_model])
     limits, context = svc.cfg.limits, svc.models[model.base_model].max_context_length
     if len(call.data) > limits.max_datums:
         raise WireError("data", f"{len(call.data)} datums exceed the limit of {limits.max_datums}")
@@ -164,6 +172,7 @@ def _check_call(svc: Service, model: Row, call) -> None:
         if datum.tokens.numel() > context:
             raise WireError(f"data[{i}].model_input", f"{datum.tokens.numel()} tokens exceed the context of {context}")
         check_inputs(loss, datum.loss_fn_inputs, datum.tokens.numel(), f"data[{i}].loss_fn_inputs")
+    return call
 
 
 @router.post("/optim_step")
@@ -171,7 +180,7 @@ def optim_step(body: OptimBody, request: Request, who: Who) -> dict:
     svc = service_of(request)
     model = own_model(svc, who, body.model_id)
     payload = canonical({"adam_params": body.adam_params.model_dump()})
-    return _future(submit_model_op(svc, who, model, "optim_step", body.seq_id, payload, request), model.id)
+    return future(submit_model_op(svc, who, model, "optim_step", body.seq_id, payload, request), model.id)
 
 
 def _save(kind: str, body: SaveBody, request: Request, who: Caller, extra: dict) -> dict:
@@ -185,7 +194,7 @@ def _save(kind: str, body: SaveBody, request: Request, who: Caller, extra: dict)
             paths.check_name(name)
         except paths.PathError as err:
             raise refuse(svc, who, model, kind, body.seq_id, payload, request, 400, str(err)) from None
-    return _future(submit_model_op(svc, who, model, kind, body.seq_id, payload, request), model.id)
+    return future(submit_model_op(svc, who, model, kind, body.seq_id, payload, request), model.id)
 
 
 @router.post("/save_weights")
@@ -211,7 +220,7 @@ def save_weights_for_sampler(body: SaveForSamplerBody, request: Request, who: Wh
 
 
 def resolve_checkpoint(svc: Service, who: Caller, path: str, kinds: tuple[str, ...], field: str = "path") -> Row:
-    """The checkpoint a tinker:// path names, if the caller may read it (own or public)."""
+    """The checkpoint a tinker:// or hpcai:// path names, if the caller may read it (own or public)."""
     try:
         parsed = paths.parse(path, field)
     except paths.PathError as err:
@@ -233,13 +242,13 @@ def load_weights(body: LoadBody, request: Request, who: Who) -> dict:
             raise HTTPException(400, "seq_id: required with model_id")
         model = own_model(svc, who, body.model_id)
         payload = canonical(load)
-        return _future(submit_model_op(svc, who, model, "load_weights", body.seq_id, payload, request), model.id)
+        return future(submit_model_op(svc, who, model, "load_weights", body.seq_id, payload, request), model.id)
     if body.session_id is None or body.model_seq_id is None:
         raise HTTPException(400, "model_id, or session_id and model_seq_id, are required")
     source = svc.store.model(None, ckpt.model_id)
-    model_id = _new_model(svc, who, body.session_id, body.model_seq_id, source.base_model, dict(source.lora),
-                          body.user_metadata)
+    model_id = f"{body.session_id}:train:{body.model_seq_id}"
+    new_model(svc, who, body.session_id, model_id, source.base_model, dict(source.lora), body.user_metadata)
     payload = canonical({"base_model": source.base_model, "lora": source.lora, "load": load})
     rid = svc.submit(who, Submission(who.key_id, "create_model", payload, body.session_id, model_id, 0,
                                      request.headers.get("x-idempotency-key")))
-    return _future(rid, model_id)
+    return future(rid, model_id)

@@ -2,7 +2,8 @@
 
 Errors keep the client's mapping: validation errors are 422 naming the field (400 for a
 body that is not JSON), every unexpected exception a 500 with its type, never a crash; the
-scheduler thread starts with the app and stops with it.
+scheduler thread starts with the app and stops with it. The hpcai client's dialect is served
+under ``/hpcai`` (``trainers.service.dialect``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from trainers.service import api_rest, api_session, api_training
+from trainers.service import api_hpcai, api_hpcai_rest, api_rest, api_session, api_training
+from trainers.service.dialect import DialectRouter
 from trainers.service.service import Service
 
 log = logging.getLogger("trillora.service")
@@ -38,8 +40,9 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="trillora Tinker-compatible service", lifespan=lifespan)
     app.state.service = service
-    for module in (api_session, api_training, api_rest):
+    for module in (api_session, api_training, api_rest, api_hpcai, api_hpcai_rest):
         app.include_router(module.router)
+    app.add_middleware(DialectRouter)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

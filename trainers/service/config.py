@@ -17,9 +17,8 @@ SCHEMA_NAME = "serve_schema"
 TINY = "tiny"  # a base_models value: the embedded tiny Qwen3-vocabulary MoE, built on first use
 TINY_NAME = "trillora/tiny-qwen3-moe"  # what an empty base_models serves
 # Short names for backend factories; any ``module:callable`` works as well.
-# "fleet": the product (Megatron training fleet + vLLM rollout fleet on Ray); "hf_reference":
-# the tests' double (HF transformers + PEFT in the server process, tests/service).
-BACKENDS = {"fleet": "trainers.service.fleet_backend:FleetBackend", "hf_reference": "tests.service.hf_backend:HFBackend"}
+# "fleet": the product (Megatron training fleet + vLLM rollout fleet on Ray).
+BACKENDS = {"fleet": "trainers.service.fleet_backend:FleetBackend"}
 
 
 @dataclass

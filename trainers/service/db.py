@@ -2,7 +2,8 @@
 
 Every accepted request is a row of ``requests`` with its body, state and result, so futures
 survive a restart. SQLite runs in WAL mode (readers never block the scheduler's writes);
-PostgreSQL works by URL (``postgresql+psycopg://``).
+PostgreSQL works by URL (``postgresql+psycopg://``). A column added after databases were
+created carries a server default and is added to those databases on start.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine
 
@@ -95,7 +98,8 @@ checkpoints = Table(
 )
 
 # ``status``: pending | running | done | failed. ``order_key``: the model (or sampling
-# session) whose seq_ids the request takes part in; unique with ``seq_id``.
+# session) whose seq_ids the request takes part in; unique with ``seq_id``. ``dialect``: the
+# client's (``trainers.service.dialect``), in which the result is written.
 requests = Table(
     "requests", metadata,
     Column("id", String(64), primary_key=True),
@@ -117,6 +121,7 @@ requests = Table(
     Column("train_tokens", BigInteger, nullable=False, default=0),
     Column("created_at", Float, nullable=False),
     Column("finished_at", Float),
+    Column("dialect", String(16), nullable=False, server_default="tinker"),
     UniqueConstraint("order_key", "seq_id", name="uq_request_seq"),
     UniqueConstraint("key_id", "idempotency_key", name="uq_request_idem"),
 )
@@ -145,4 +150,18 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_size=16, max_overflow=32, pool_pre_ping=True)
     metadata.create_all(engine)
+    _add_new_columns(engine)
     return engine
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Adds the columns a database created by an older version lacks (each has a default)."""
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(engine.dialect)
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} NOT NULL "
+                                      f"DEFAULT '{column.server_default.arg}'"))

@@ -1,16 +1,18 @@
 """Runs stored requests against the backend and says what each produced.
 
 Each request kind reads the normalised JSON body the API stored (forward_backward: the
-client's protobuf) and returns an ``Outcome``; requests that change an adapter's weights or
-optimizer end with a journal snapshot (``applied``). ``restore`` makes a model's adapter
-resident as of its last finished request: newest snapshot, a step the database missed
-finished from the snapshot's answer, then the gradients of finished forward_backward
-requests recomputed.
+client's protobuf, or hpcai's JSON translated to it) and returns an ``Outcome`` whose result
+is written in the dialect of the client that sent the request; requests that change an
+adapter's weights or optimizer end with a journal snapshot (``applied``). ``restore`` makes a
+model's adapter resident as of its last finished request: newest snapshot, a step the
+database missed finished from the snapshot's answer, then the gradients of finished
+forward_backward requests recomputed. Checkpoints are written as versions (``ckpt_files``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,9 +20,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.engine import Row
 
+from trainers.service import ckpt_files
 from trainers.service.backend import AdamParams, AdapterSpec, Backend, SampleRequest
-from trainers.service.codec import decode_forward_backward, encode_forward_backward, encode_sample
+from trainers.service.codec import decode_forward_backward
 from trainers.service.db import requests, sampling_sessions
+from trainers.service.dialect import DIALECTS
 from trainers.service.journal import Journal
 from trainers.service.paths import TinkerPath, checkpoint_dir
 from trainers.service.queue import Outcome, Queue
@@ -73,7 +77,8 @@ class Executor:
             result = self.backend.forward_backward(model.id, call.data, call.loss_fn, call.loss_fn_config,
                                                    call.forward_only)
             kind = "prefill_tokens" if call.forward_only else "train_tokens"
-            return Outcome(encode_forward_backward(result), proto=True, **{kind: call.tokens})
+            encoded, proto = DIALECTS[request.dialect].forward_backward(result)
+            return Outcome(encoded, proto=proto, **{kind: call.tokens})
         body = json.loads(request.body)
         return getattr(self, f"_{request.kind}")(model, request, body)
 
@@ -98,24 +103,27 @@ class Executor:
         self.backend.load_state(model.id, Path(body["dir"]), body["optimizer"])
         return self._snapshot(model, request, {"type": "load_weights", "path": body["path"]})
 
+    def _unload_model(self, model: Row, request: Row, body: dict) -> Outcome:
+        return Outcome(_json({"type": "unload_model", "model_id": model.id}), evict=True)
+
     def _save(self, model: Row, request: Row, path: TinkerPath, with_optimizer: bool, export: bool,
               ttl_s: int | None, user_metadata: dict | None) -> Outcome:
-        """Writes checkpoint ``path`` atomically and records it with the request's answer."""
-        final = checkpoint_dir(self.state_dir, path)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if export:
-            staging = final.with_name(final.name + ".state")
+        """Writes a new version of checkpoint ``path`` and records it with the request's answer."""
+        link = checkpoint_dir(self.state_dir, path)
+
+        def write(out: Path) -> None:
+            if not export:
+                self.backend.save_state(model.id, out, with_optimizer=with_optimizer)
+                return
+            staging = link.with_name(link.name + "@state")
             shutil.rmtree(staging, ignore_errors=True)
             self.backend.save_state(model.id, staging, with_optimizer=False)
-            self.backend.export_peft(staging, tmp)
+            self.backend.export_peft(staging, out)
             shutil.rmtree(staging)
-        else:
-            self.backend.save_state(model.id, tmp, with_optimizer=with_optimizer)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        values = dict(key_id=model.key_id, model_id=model.id, kind=path.kind, name=path.name, directory=str(final),
-                      size_bytes=_size(final), user_metadata=user_metadata,
+
+        version = ckpt_files.write(link, request.seq_id, write)
+        values = dict(key_id=model.key_id, model_id=model.id, kind=path.kind, name=path.name, directory=str(link),
+                      size_bytes=_size(version), user_metadata=user_metadata,
                       expires_at=time.time() + ttl_s if ttl_s else None)
         outcome = Outcome(b"")
         outcome.extra.append(lambda conn: self.store.put_checkpoint(conn, **values))
@@ -124,7 +132,7 @@ class Executor:
     def _save_weights(self, model: Row, request: Row, body: dict) -> Outcome:
         path = TinkerPath(model.id, "training", body["name"])
         outcome = self._save(model, request, path, True, False, body.get("ttl_seconds"), body.get("user_metadata"))
-        outcome.result = _json({"type": "save_weights", "path": str(path)})
+        outcome.result = _json({"type": "save_weights", "path": path.uri(DIALECTS[request.dialect].scheme)})
         return outcome
 
     def _save_weights_external(self, model: Row, request: Row, body: dict) -> Outcome:
@@ -151,21 +159,33 @@ class Executor:
                 conn.execute(sampling_sessions.insert().values(**values))
 
             outcome.extra.append(record)
-        outcome.result = _json({"type": "save_weights_for_sampler", "path": None if ephemeral else str(path),
+        uri = path.uri(DIALECTS[request.dialect].scheme)
+        outcome.result = _json({"type": "save_weights_for_sampler", "path": None if ephemeral else uri,
                                 "sampling_session_id": sampling_id})
         return outcome
+
+    # --- downloads ----------------------------------------------------------------------
+    def export(self, row: Row) -> Outcome:
+        """The PEFT adapter of a checkpoint version, packed for download (once per version)."""
+        version = Path(json.loads(row.body)["dir"])
+        archive = ckpt_files.archive_path(version)
+        if not archive.is_file():
+            ckpt_files.write_archive(version, lambda out: self.backend.export_peft(version, out))
+        return Outcome(_json({"archive": str(archive)}))
 
     # --- sampling -----------------------------------------------------------------------
     @staticmethod
     def sample_request(body: dict) -> SampleRequest:
-        stop = body["stop"]
-        return SampleRequest(**{**body, "prompt": tuple(body["prompt"]),
-                                "stop": None if stop is None else tuple(stop)})
+        """The backend's request; a checkpoint's link resolved to its newest version, so the
+        backend's caches, keyed by directory, never take one save for another."""
+        stop, weights = body["stop"], body["weights_dir"]
+        return SampleRequest(**{**body, "prompt": tuple(body["prompt"]), "stop": None if stop is None else tuple(stop),
+                                "weights_dir": None if weights is None else os.path.realpath(weights)})
 
     def sample(self, rows: list[Row]) -> list[Outcome]:
         """One backend call for every row; tokens metered per row."""
         reqs = [self.sample_request(json.loads(r.body)) for r in rows]
         results = self.backend.sample(reqs)
-        return [Outcome(encode_sample(res), proto=True, prefill_tokens=len(req.prompt),
+        return [Outcome(*DIALECTS[row.dialect].sample(res), prefill_tokens=len(req.prompt),
                         sample_tokens=sum(len(s.tokens) for s in res.sequences))
-                for req, res in zip(reqs, results)]
+                for row, req, res in zip(rows, reqs, results)]

@@ -33,12 +33,11 @@ from parallel.lora import LoraConfig, lora_targets
 from parallel.topology import ParallelConfig
 from rlcore.token_losses import check_inputs, datum_loss, resolve_loss
 from rollout.config import EngineConfig, RolloutConfig, SamplingConfig
-from rollout.fleet import RolloutFleet
-from rollout.sync import WeightSync
-from trainers.placement import place_fleets, start_ray
+from trainers.fleet_hosts import RayHost
+from trainers.placement import start_ray
 from trainers.service.backend import (AdamParams, AdapterSpec, BaseModelInfo, Datum, ForwardBackwardResult,
                                       SampledSequence, SampleRequest, SampleResult)
-from trainers.training_fleet import TrainingFleet, TrainingFleetSpec
+from trainers.training_fleet import TrainingFleetSpec
 
 LORA_ALPHA = 32.0  # Tinker's convention: alpha 32 whatever the rank
 BASE_WEIGHTS = "base"  # no adapter has this name: a sync of it sends the base model alone
@@ -91,18 +90,15 @@ class _BaseFleets:
         self.eos_ids = tuple(sorted({int(t) for t in (tokenizer.eos_token_id, hf.eos_token_id) if isinstance(t, int)}))
         parallel = ParallelConfig(tp=opts.tp, ep=opts.ep, sp=opts.tp > 1)
         backend = DeviceBackend(opts.device, opts.dtype)
-        placement = place_fleets(opts.train_world_size, opts.engines, "colocated",
-                                 train_gpus_per_rank=int(backend.on_gpu),
-                                 engine_gpus=1 if opts.device == "cuda" else 0)
-        self.training = TrainingFleet(TrainingFleetSpec(path, parallel, None, opts.train_world_size,
-                                                        opts.micro_batch_size, opts.seed, backend=backend), placement)
+        fleets = RayHost(opts.train_world_size, opts.engines, "colocated", backend,
+                           engine_gpus=1 if opts.device == "cuda" else 0)
+        self.training = fleets.training(TrainingFleetSpec(path, parallel, None, opts.train_world_size,
+                                                          opts.micro_batch_size, opts.seed, backend=backend))
         engine = EngineConfig(model=path, device=opts.device, dtype=opts.engine_dtype,
                               kv_cache_gib=opts.kv_cache_gib if opts.device == "cpu" else None,
                               max_model_len=min(self.max_positions, opts.max_model_len))
-        self.rollout = RolloutFleet(RolloutConfig(engine=engine, engines=opts.engines,
-                                                  num_cpus_per_engine=placement.plan.engine_cpus),
-                                    placement.group, placement.plan.engine_bundles, placement.plan.engine_gpus)
-        self.sync = WeightSync(self.rollout)
+        self.rollout = fleets.rollout(RolloutConfig(engine=engine, engines=opts.engines))
+        self.sync = fleets.sync(self.rollout)
         self.loaded: str | None = BASE_WEIGHTS  # what the engines hold: a sampler directory or the base
         self.scratch: dict[str, str] = {}  # adapter shape -> the scratch adapter samplers load into
 

@@ -1,8 +1,10 @@
-"""``tinker://`` paths and where their checkpoints live on disk.
+"""``tinker://`` and ``hpcai://`` paths and where their checkpoints live on disk.
 
-A path is ``tinker://<training run>/<weights|sampler_weights|external_weights>/<name>``:
-exactly three ``/``-separated parts (the client parses it so); run ids may hold ``:``.
-Checkpoints live under ``<state_dir>/checkpoints/<run>/<segment>/<name>``.
+A path is ``tinker://<training run>/<weights|sampler_weights|external_weights>/<name>`` or, in
+the hpcai client's dialect, ``hpcai://<training run>/<training|sampler>/<name>``: exactly three
+``/``-separated parts (the clients parse them so); run ids may hold ``:``. Both name the same
+checkpoints. They live under ``<state_dir>/checkpoints/<run>/<tinker segment>/<name>``
+(``ckpt_files``: a link to the newest version).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-SEGMENTS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+TINKER, HPCAI = "tinker://", "hpcai://"
+# scheme -> path segment -> checkpoint kind
+SCHEMES = {TINKER: {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"},
+           HPCAI: {"training": "training", "sampler": "sampler"}}
+SEGMENTS = SCHEMES[TINKER]
 KIND_SEGMENT = {kind: segment for segment, kind in SEGMENTS.items()}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 
@@ -27,7 +33,11 @@ class TinkerPath:
     name: str
 
     def __str__(self) -> str:
-        return f"tinker://{self.model_id}/{KIND_SEGMENT[self.kind]}/{self.name}"
+        return self.uri(TINKER)
+
+    def uri(self, scheme: str) -> str:
+        segment = next(seg for seg, kind in SCHEMES[scheme].items() if kind == self.kind)
+        return f"{scheme}{self.model_id}/{segment}/{self.name}"
 
     @property
     def checkpoint_id(self) -> str:
@@ -41,12 +51,14 @@ def check_name(name: str, field: str = "path") -> str:
 
 
 def parse(path: str, field: str = "path") -> TinkerPath:
-    if not isinstance(path, str) or not path.startswith("tinker://"):
-        raise PathError(f"{field}: {path!r} is not a tinker:// path")
-    parts = path[len("tinker://"):].split("/")
-    if len(parts) != 3 or parts[1] not in SEGMENTS or not parts[0]:
-        raise PathError(f"{field}: {path!r} must be tinker://<run>/<weights|sampler_weights|external_weights>/<name>")
-    return TinkerPath(parts[0], SEGMENTS[parts[1]], check_name(parts[2], field))
+    scheme = next((s for s in SCHEMES if isinstance(path, str) and path.startswith(s)), None)
+    if scheme is None:
+        raise PathError(f"{field}: {path!r} is not a tinker:// or hpcai:// path")
+    segments = SCHEMES[scheme]
+    parts = path[len(scheme):].split("/")
+    if len(parts) != 3 or parts[1] not in segments or not parts[0]:
+        raise PathError(f"{field}: {path!r} must be {scheme}<run>/<{'|'.join(segments)}>/<name>")
+    return TinkerPath(parts[0], segments[parts[1]], check_name(parts[2], field))
 
 
 def parse_checkpoint_id(model_id: str, checkpoint_id: str) -> TinkerPath:

@@ -22,7 +22,8 @@ from trainers.service.db import models, requests
 @dataclass
 class Outcome:
     """What executing a request produced. ``applied``: a snapshot of this seq was written;
-    ``extra``: callables run in the completing transaction (checkpoint rows and the like)."""
+    ``extra``: callables run in the completing transaction (checkpoint rows and the like);
+    ``evict``: the model's adapter may leave the backend (its state is on disk)."""
 
     result: bytes
     proto: bool = False
@@ -31,6 +32,7 @@ class Outcome:
     train_tokens: int = 0
     applied: bool = False
     extra: list[Callable[[Connection], Any]] = field(default_factory=list)
+    evict: bool = False
 
 
 class Queue:
@@ -53,9 +55,10 @@ class Queue:
             by_id = {m.id: m for m in conn.execute(select(models).where(models.c.id.in_([r.order_key for r in reqs])))}
         return [(by_id[r.order_key], r) for r in reqs]
 
-    def pending_samples(self, limit: int) -> list[Row]:
+    def pending_unordered(self, kind: str, limit: int) -> list[Row]:
+        """The oldest pending requests of ``kind`` that belong to no model's sequence."""
         with self.engine.connect() as conn:
-            return list(conn.execute(select(requests).where(requests.c.kind == "sample", requests.c.status == "pending")
+            return list(conn.execute(select(requests).where(requests.c.kind == kind, requests.c.status == "pending")
                                      .order_by(requests.c.created_at).limit(limit)))
 
     def pending_for(self, model_ids: set[str]) -> set[str]:

@@ -2,34 +2,39 @@
 
 Each round runs, for every model whose next ``seq_id`` has arrived, that one request (so
 each model's requests run strictly in order while different models interleave), then all
-pending samples up to the token budget in one ``Backend.sample`` call. A model's adapter is
-made resident on demand (``Executor.restore``); when ``capacity.adapters`` are resident, the
-least recently used adapter with nothing waiting is evicted (its state is on disk), and if
-none is idle the request waits as ``paused_capacity``, which costs the client nothing.
+pending samples up to the token budget in one ``Backend.sample`` call, then pending exports of
+checkpoints for download. A model's adapter is made resident on demand
+(``Executor.restore``); when ``capacity.adapters`` are resident, the least recently used
+adapter with nothing waiting is evicted (its state is on disk), and if none is idle the
+request waits as ``paused_capacity``, which costs the client nothing. A model the client
+unloads is evicted at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 from sqlalchemy.engine import Row
 
 from rlcore.token_losses import LossInputError
+from trainers.service import ckpt_files
 from trainers.service.codec import WireError
 from trainers.service.config import CapacityConfig
 from trainers.service.executor import Executor
-from trainers.service.queue import Queue
+from trainers.service.queue import Outcome, Queue
 from trainers.service.store import Store
 
 log = logging.getLogger("trillora.service")
 USER_ERRORS = (LossInputError, WireError, ValueError, KeyError)
 HOUSEKEEPING_S = 30.0
+EXPORTS_PER_ROUND = 4
 
 
 def sample_cost(row: Row) -> int:
@@ -90,9 +95,13 @@ class Scheduler:
                 self._restore(model, request)
                 return True  # the restore may have finished requests: look again
             self.resident.move_to_end(model.id)
-            self._execute(model, request)
+            outcome = self._execute(request, partial(self.executor.run, model, request))
+            self.stats["model_requests"] += 1
+            if outcome is not None and outcome.evict:
+                self._evict(model.id)
             worked = True
-        return self._sample_round() or worked
+        sampled = self._sample_round()
+        return self._export_round() or sampled or worked
 
     def _restore(self, model: Row, request: Row) -> None:
         try:
@@ -115,26 +124,39 @@ class Scheduler:
         busy = self.queue.pending_for(set(self.resident))
         for model_id in self.resident:  # least recently used first
             if model_id not in busy:
-                self.executor.backend.delete_adapter(model_id)
-                del self.resident[model_id]
-                self.stats["evictions"] += 1
+                self._evict(model_id)
                 return True
         return False
 
-    def _execute(self, model: Row, request: Row) -> None:
+    def _evict(self, model_id: str) -> None:
+        if model_id in self.resident:
+            del self.resident[model_id]
+            self.executor.backend.delete_adapter(model_id)
+            self.stats["evictions"] += 1
+
+    def _execute(self, request: Row, run: Callable[[], Outcome]) -> Outcome | None:
+        """Runs one request and records its outcome (None if it failed)."""
         self.queue.mark_running([request.id])
+        outcome = None
         try:
-            self.queue.complete(request, self.executor.run(model, request))
+            outcome = run()
+            self.queue.complete(request, outcome)
         except USER_ERRORS as err:
             self.queue.fail(request, str(err), "user")
         except Exception as err:
             log.exception("request %s (%s) failed", request.id, request.kind)
             self.queue.fail(request, f"{type(err).__name__}: {err}", "server")
-        self.stats["model_requests"] += 1
         self.notify([request.id])
+        return outcome
+
+    def _export_round(self) -> bool:
+        rows = self.queue.pending_unordered("export", EXPORTS_PER_ROUND)
+        for row in rows:
+            self._execute(row, partial(self.executor.export, row))
+        return bool(rows)
 
     def _sample_round(self) -> bool:
-        rows = self.queue.pending_samples(self.capacity.sample_batch)
+        rows = self.queue.pending_unordered("sample", self.capacity.sample_batch)
         batch, budget = [], self.capacity.tokens_in_flight
         for row in rows:
             cost = sample_cost(row)
@@ -170,5 +192,5 @@ class Scheduler:
     def _housekeeping(self) -> None:
         self._last_housekeeping = time.time()
         for row in self.store.expired_checkpoints(time.time()):
-            shutil.rmtree(row.directory, ignore_errors=True)
+            ckpt_files.remove(Path(row.directory))
             self.store.delete_checkpoint(row.id)

@@ -3,7 +3,8 @@
 Every accessor that a client's call reaches takes the caller's ``key_id`` and finds only that
 key's rows, so another tenant's ids read as absent (the API answers 404). Submission is
 idempotent: the same ``(order_key, seq_id)`` or ``X-Idempotency-Key`` with the same body
-returns the first request's id, with another body raises ``Conflict``.
+returns the first request's id, with another body raises ``Conflict``. A client that sends no
+``seq_id`` (hpcai) has its model's requests numbered on arrival (``Submission.next_seq``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def body_hash(kind: str, body: bytes) -> str:
 
 @dataclass(frozen=True)
 class Submission:
-    """A request to store: who, what, and where it sits in a model's sequence."""
+    """A request to store: who, what, and where it sits in a model's sequence (``next_seq``:
+    after every request of ``order_key`` stored so far, instead of at ``seq_id``); ``dialect``:
+    the client's, in which its result is written."""
 
     key_id: int
     kind: str
@@ -50,6 +53,8 @@ class Submission:
     idempotency_key: str | None = None
     status: str = "pending"
     error: str | None = None
+    next_seq: bool = False
+    dialect: str = "tinker"
 
 
 class Store:
@@ -88,6 +93,17 @@ class Store:
             conn.execute(sessions.insert().values(id=sid, key_id=key_id, tags=tags, user_metadata=user_metadata,
                                                   sdk_version=sdk_version, created_at=now, heartbeat_at=now))
         return sid
+
+    def ensure_session(self, key_id: int, session_id: str, sdk_version: str) -> None:
+        """Creates the session unless it exists (the implicit session of a client without any)."""
+        if self.session(key_id, session_id) is None:
+            now = time.time()
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sessions.insert().values(id=session_id, key_id=key_id, sdk_version=sdk_version,
+                                                          created_at=now, heartbeat_at=now))
+            except IntegrityError:  # a concurrent request created it
+                pass
 
     def session(self, key_id: int, session_id: str) -> Row | None:
         with self.engine.connect() as conn:
@@ -153,27 +169,34 @@ class Store:
     def submit(self, sub: Submission) -> tuple[str, bool]:
         """Stores ``sub`` unless it was submitted before; (request id, newly stored)."""
         digest = body_hash(sub.kind, sub.body)
-        for _ in range(3):
+        for _ in range(8):
             existing = self.existing(sub)
             if existing is not None:
                 if existing.body_hash != digest or existing.kind != sub.kind:
-                    raise Conflict(f"{sub.kind} seq_id={sub.seq_id} was submitted before with another body")
+                    raise Conflict(f"{sub.kind} (seq_id={sub.seq_id}, X-Idempotency-Key={sub.idempotency_key}) was "
+                                   "submitted before with another body")
                 return existing.id, False
             rid = uuid.uuid4().hex
             finished = time.time() if sub.status in TERMINAL else None
             try:
                 with self.engine.begin() as conn:
+                    seq = self._last_seq(conn, sub.order_key) + 1 if sub.next_seq else sub.seq_id
                     conn.execute(requests.insert().values(
                         id=rid, key_id=sub.key_id, session_id=sub.session_id, kind=sub.kind,
-                        order_key=sub.order_key, seq_id=sub.seq_id, idempotency_key=sub.idempotency_key,
+                        order_key=sub.order_key, seq_id=seq, idempotency_key=sub.idempotency_key,
                         body_hash=digest, body=sub.body, status=sub.status, queue_state="active",
                         error=sub.error, category="user" if sub.error else None, created_at=time.time(),
                         finished_at=finished, prefill_tokens=0, sample_tokens=0, train_tokens=0,
-                        result_proto=False))
+                        result_proto=False, dialect=sub.dialect))
                 return rid, True
-            except IntegrityError:  # a concurrent duplicate won the insert: read it back
+            except IntegrityError:  # a concurrent duplicate (or next request) won the insert: look again
                 continue
         raise Conflict("could not store the request")
+
+    @staticmethod
+    def _last_seq(conn, order_key: str) -> int:
+        return conn.execute(select(func.coalesce(func.max(requests.c.seq_id), -1))
+                            .where(requests.c.order_key == order_key)).scalar_one()
 
     def existing(self, sub: Submission) -> Row | None:
         clauses = []

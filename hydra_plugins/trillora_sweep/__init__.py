@@ -1,0 +1,1 @@
+"""trillora's Hydra launcher: a ``--multirun`` as one sweep on one set of fleets (``launcher``)."""
