@@ -3,8 +3,8 @@
 Each side runs in its own process tree and talks to the benchmark over two pipes (file
 descriptors passed on its command line as ``--channel R,W``), not over its stdout, which its
 libraries fill with logs. A side announces itself (``send``), then before every step waits
-for ``go`` (``begin``), and after it, having saved what it keeps of the step outside the timed
-span (``elapsed``), reports ``done`` with the step's seconds (``send``); while
+for ``go`` and its options (``begin``), and after it, having saved what it keeps of the step
+outside the timed span (``elapsed``), reports ``done`` with the step's seconds (``send``); while
 one side works the other waits, so each step has both cores and the load that other jobs put
 on the shared machine falls on both sides alike. Python's standard library only: the same
 module serves trillora's venv and the benchmark's TRL venv.
@@ -29,11 +29,14 @@ class Lockstep:
     def send(self, event: str, **fields) -> None:
         self._out.write(json.dumps({"event": event, **fields}) + "\n")
 
-    def begin(self, step: int) -> None:
-        command = self._in.readline().strip()
-        if command != "go":
-            raise SystemExit(f"bench lockstep: expected 'go' before step {step}, got {command!r}")
+    def begin(self, step: int) -> dict:
+        """Waits for ``go``; returns its options (what the benchmark varies in this step)."""
+        line = self._in.readline()
+        message = json.loads(line) if line.strip() else {}
+        if message.get("event") != "go":
+            raise SystemExit(f"bench lockstep: expected 'go' before step {step}, got {line!r}")
         self._began = time.perf_counter()
+        return {k: v for k, v in message.items() if k != "event"}
 
     def elapsed(self) -> float:
         """Seconds since the last ``begin``."""

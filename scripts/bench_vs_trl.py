@@ -15,12 +15,14 @@ both. Reported in the JSON: seconds per step (median and spread; warm-up steps e
 tokens per second, the peak RSS of each side's whole process tree, trillora's phase times,
 and held-out accuracy of each side's adapter after the same number of steps and after the
 same training wall time, all from one evaluator (HF transformers on the merged weights,
-greedy and sampled with the same seeds). ``--profile-steps P``: trillora then runs P more
-steps alone under py-spy (driver, training rank 0, rollout engine); the top costs per
-phase go under ``profile``.
+greedy and sampled with the same seeds, ``scripts/bench_heldout.py``). After the comparison,
+trillora alone: ``--waste-pairs W`` pairs of steps with the separate old-log-prob forward kept
+and skipped in turns (``waste_removed``: before/after and the saving), then
+``--profile-steps P`` steps under py-spy (driver, training rank 0, rollout engine; the top
+costs per phase go under ``profile``). The defaults take about 10 minutes on 2 cores.
 
-    python scripts/bench_vs_trl.py --setup
-    python scripts/bench_vs_trl.py --out bench_results/vs_trl.json --steps 20 --profile-steps 4
+    python scripts/bench_vs_trl.py --setup       # once: .venv-bench with TRL (the first run does it too)
+    python scripts/bench_vs_trl.py --out bench_results/vs_trl.json
 
 Hydra overrides after the options change trillora's config, and the TRL side follows.
 """
@@ -36,24 +38,29 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench_heldout import evaluate_all  # noqa: E402
 from scripts.bench_lockstep import Lockstep  # noqa: E402
 
 BENCH_VENV = ROOT / ".venv-bench"
 BENCH_PYTHON = BENCH_VENV / "bin" / "python"
 SIDES = ("trillora", "trl")
 RSS_INTERVAL_S = 0.5
-EVAL_SEED = 20_250_001
 PROFILE_RATE_HZ = 50
 # The bench's own run of the main job: no in-loop evaluation or checkpoint but at the end, no W&B,
 # and TRL's advantage epsilon (1e-4, fixed in TRL) instead of trillora's 1e-6.
 TRILLORA_OVERRIDES = ["trainer.eval_every=1000000", "trainer.checkpoint_every=1000000", "trainer.resume=never",
                       "trainer.if_run_dir_exists=overwrite", "logger.wandb_mode=disabled",
                       "algorithm.advantage_eps=1e-4"]
+# The comparison's default step: on-policy (one epoch, one mini-batch of all 16 prompts), as TRL's
+# GRPOTrainer runs by default; both sides then skip the separate old-log-prob forward. Hydra
+# overrides on the command line come after these and win.
+DEFAULT_STEP = ["trainer.prompts_per_step=16", "trainer.mini_batch_prompts=16", "trainer.ppo_epochs=1"]
 
 FAIRNESS = {
     "alternation": "one live process tree per side; they take turns a step at a time (A/B/A/B, the first mover "
@@ -71,7 +78,9 @@ FAIRNESS = {
     "precision": "fp32 on both sides (TRL's bf16 default turned off)",
     "step": "same per step: prompts_per_step prompts x group samples; ppo_epochs passes of mini-batches of "
             "mini_batch_prompts prompts (TRL: steps_per_generation x num_iterations, gradient_accumulation 1); "
-            "old log-probs computed on both (TRL computes them when num_iterations > 1)",
+            "by default one on-policy optimizer step, where neither side runs a separate old-log-prob forward "
+            "(TRL: old = per_token_logps.detach(); trillora: trainer.old_logprobs=auto does the same); with more "
+            "epochs or mini-batches both compute them",
     "loss": "PPO clip (clip_low/clip_high = TRL epsilon/epsilon_high), token mean over the mini-batch (TRL "
             "loss_type='bnpo'; its default 'dapo' normalises by the generation batch's mean tokens per "
             "mini-batch), group-std advantages (eps 1e-4 on both), no KL term and no reference model (kl_coef "
@@ -125,7 +134,7 @@ def setup_bench_venv() -> None:
 def compose(overrides: list[str], steps: int) -> dict:
     from trainers.config import compose_tree
 
-    return compose_tree(TRILLORA_OVERRIDES + [f"trainer.steps={steps}"] + overrides)
+    return compose_tree(TRILLORA_OVERRIDES + DEFAULT_STEP + [f"trainer.steps={steps}"] + overrides)
 
 
 def sft_base(tree: dict) -> Path:
@@ -133,8 +142,8 @@ def sft_base(tree: dict) -> Path:
     import ray
     from transformers import AutoTokenizer
 
+    from trainers.fleet_hosts import RayHost
     from trainers.main import validate
-    from trainers.placement import place_fleets, start_ray
     from trainers.sft import finetune_base, sft_cache_dir
 
     cfg, base_dir = validate(tree)
@@ -142,11 +151,11 @@ def sft_base(tree: dict) -> Path:
         return base_dir
     if (sft_cache_dir(cfg, base_dir) / "model.safetensors").is_file():
         return sft_cache_dir(cfg, base_dir)
-    start_ray(cfg.trainer.ray_address)
-    placement = place_fleets(cfg.trainer.train_world_size, cfg.rollout.engines, cfg.trainer.placement)
+    host = RayHost.for_run(cfg)
     try:
-        return finetune_base(cfg, base_dir, AutoTokenizer.from_pretrained(base_dir), placement)
+        return finetune_base(cfg, base_dir, AutoTokenizer.from_pretrained(base_dir), host.training)
     finally:
+        host.close()
         ray.shutdown()
 
 
@@ -198,7 +207,9 @@ class LockstepStep:
             pids = {"driver": os.getpid(), "rank0": self.run_.training.pids[0],
                     "engine": self.run_.rollout.call(0, "info")["pid"]}
             self.lockstep.send("ready", pids=pids, threads=int(os.environ.get("OMP_NUM_THREADS", "1")))
-        self.lockstep.begin(step)
+        options = self.lockstep.begin(step)
+        if "old_logprobs" in options:  # the waste-removal steps: the old-log-prob forward on or skipped
+            self.inner.s = replace(self.inner.s, old_logprobs=options["old_logprobs"])
         metrics = self.inner.run(problems, step, before_update)
         seconds = self.lockstep.elapsed()
         if step <= self.compared_steps:
@@ -210,7 +221,8 @@ class LockstepStep:
 
 
 def trillora_worker(settings_path: str, channel: str) -> None:
-    """The main job's ``run(tree)``, its step runner wrapped in the lockstep."""
+    """The main job's ``run_driver`` on Ray, its step runner wrapped in the lockstep."""
+    from trainers.fleet_hosts import RayHost
     from trainers.main import Run, validate
     from trainers.run_dir import open_run_dir
 
@@ -219,7 +231,7 @@ def trillora_worker(settings_path: str, channel: str) -> None:
     opened = open_run_dir(cfg.to_dict(), cfg.trainer.run_dir, cfg.trainer.resume, cfg.trainer.if_run_dir_exists)
     cfg.trainer.run_dir = str(opened.path)
     try:
-        run = Run(cfg, base_dir, opened, print)
+        run = Run(cfg, base_dir, opened, lambda run_dir: RayHost.for_run(cfg), print)
         run.step_runner = LockstepStep(run, Lockstep(channel), Path(s["out_dir"]) / "trillora" / "adapters",
                                        s["steps"])
         run.execute()
@@ -256,8 +268,8 @@ class Side:
         assert message["event"] == event, message
         return message
 
-    def step(self) -> dict:
-        self._out.write("go\n")
+    def step(self, **options) -> dict:
+        self._out.write(json.dumps({"event": "go", **options}) + "\n")
         done = self.receive("done")
         self.peak_pss = max(self.peak_pss, self.tree_memory("pss"))
         return done
@@ -315,6 +327,35 @@ def alternate(sides: dict[str, Side], steps: int) -> dict[str, list[dict]]:
     return done
 
 
+PHASE_NAMES = ("generate", "reward", "old_logprobs", "update", "sync")  # trainers.grpo.PHASES (no torch import here)
+
+
+def waste_removed(side: Side, pairs: int, on_policy: bool) -> dict:
+    """``2 pairs`` more trillora steps alone, the separate old-log-prob forward kept
+    (``trainer.old_logprobs=always``: before) and skipped (``auto``: after) in turns, the first
+    of each pair alternating; the same process, weights and data stream, so only that differs."""
+    runs: dict[str, list[dict]] = {"always": [], "auto": []}
+    for pair in range(pairs):
+        for mode in ("always", "auto") if pair % 2 == 0 else ("auto", "always"):
+            runs[mode].append(side.step(old_logprobs=mode))
+            print(f"waste: old_logprobs={mode:6s} {runs[mode][-1]['seconds']:7.3f} s", flush=True)
+    before, after = (spread([s["seconds"] for s in runs[mode]]) for mode in ("always", "auto"))
+    removed = {
+        "old_logprob_forward": {
+            "what": "the separate no-grad forward for old log-probs, skipped when the update is provably on-policy "
+                    "(one epoch, one mini-batch): old = the update's own log-probs, detached (trainers.grpo)",
+            "applies": on_policy, "steps_each": pairs, "before_s": before, "after_s": after,
+            "saving_s_median": before["median"] - after["median"],
+            "saving_frac_median": 1 - after["median"] / before["median"],
+            "phases_median_s": {label: {p: statistics.median(s["phases"][p] for s in runs[mode])
+                                        for p in PHASE_NAMES} for mode, label in (("always", "before"), ("auto", "after"))}},
+        "reference_forward": {"what": "the reference (adapter-off) forward, skipped when neither a KL term nor a KL "
+                                      "metric is configured (issue 13; scripts/bench_grpo_step.py measures its cost)",
+                              "applies": True, "measured_here": False},
+    }
+    return removed
+
+
 def profile_steps(side: Side, count: int, out_dir: Path) -> dict:
     """``count`` more trillora steps alone, py-spy on the driver, training rank 0 and the engine."""
     spy = Path(sys.executable).with_name("py-spy")
@@ -334,75 +375,6 @@ def profile_steps(side: Side, count: int, out_dir: Path) -> dict:
     return {"steps": count, "rate_hz": PROFILE_RATE_HZ, "step_seconds": [s["seconds"] for s in steps],
             "phases_mean_s": {p: statistics.mean(s["phases"][p] for s in steps) for p in steps[0]["phases"]},
             "processes": {role: summarize(path, PROFILE_RATE_HZ, role) for role, (path, _) in spies.items()}}
-
-
-# ---- held-out accuracy, one evaluator for both -------------------------------------------------
-def merged_model(model_dir: Path, side: str | None, adapter: Path | None):
-    """The base model with ``side``'s adapter merged into its weights (the base if None)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if side is None:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if side == "trillora":
-        from safetensors.torch import load_file
-
-        from parallel.adapter_io import merge_peft_adapter_into_hf
-        from parallel.hf_reference import _load_hf
-
-        return _load_hf(model_dir, merge_peft_adapter_into_hf(load_file(model_dir / "model.safetensors"), adapter))
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(merged_model(model_dir, None, None), adapter).merge_and_unload()
-
-
-def accuracy(model, tokenizer, problems, s: dict) -> dict[str, float]:
-    """Greedy accuracy (one completion a prompt) and sampled accuracy (``group`` completions a
-    prompt at the training temperature, the same seed for every model), by math_reward."""
-    import torch
-
-    from rlcore.rewards import math_reward
-
-    by_length: dict[int, list[int]] = {}
-    prompts = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
-    for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
-    torch.manual_seed(EVAL_SEED)
-    scores = {"greedy": [], "sampled": []}
-    for length, rows in sorted(by_length.items()):  # equal lengths: no padding to get wrong
-        ids = torch.tensor([prompts[i] for i in rows])
-        for kind, n in (("greedy", 1), ("sampled", s["group"])):
-            sampling = {"do_sample": True, "temperature": s["temperature"], "top_k": 0, "top_p": 1.0} \
-                if kind == "sampled" else {"do_sample": False}
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=s["max_tokens"],
-                                     num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, **sampling)
-            texts = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-            answers = [problems[i].answer for i in rows for _ in range(n)]
-            scores[kind] += [math_reward(text, answer) for text, answer in zip(texts, answers)]
-    return {f"acc_{kind}": sum(v) / len(v) for kind, v in scores.items()}
-
-
-def evaluate_all(s: dict, tree: dict, points: dict[str, tuple[str | None, int]]) -> dict[str, dict]:
-    """``points``: label -> (side, step); step 0 is the base model."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from trainers.config import load_run_config
-    from trainers.prompts import PromptSource
-
-    torch.set_num_threads(os.cpu_count())
-    model_dir, out = Path(s["model_dir"]), Path(s["out_dir"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    heldout = PromptSource(load_run_config(tree)).heldout
-    results = {}
-    for label, (side, step) in points.items():
-        adapter = out / side / "adapters" / f"step-{step}" if step else None
-        results[label] = {"side": side if step else "base", "step": step,
-                          **accuracy(merged_model(model_dir, side if step else None, adapter), tokenizer, heldout, s)}
-        print(f"eval {label}: {results[label]}", flush=True)
-    return results
 
 
 # ---- the report ------------------------------------------------------------------------
@@ -445,9 +417,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", action="store_true", help="make or refresh .venv-bench, then exit")
     parser.add_argument("--out", default="bench_results/vs_trl.json")
-    parser.add_argument("--steps", type=int, default=20, help="steps of each side in the comparison")
+    parser.add_argument("--steps", type=int, default=12, help="steps of each side in the comparison")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time figures")
-    parser.add_argument("--profile-steps", type=int, default=0, help="trillora steps under py-spy after the comparison")
+    parser.add_argument("--waste-pairs", type=int, default=4,
+                        help="pairs of trillora steps after the comparison, the old-log-prob forward on and skipped")
+    parser.add_argument("--profile-steps", type=int, default=3, help="trillora steps under py-spy at the end (0: none)")
     parser.add_argument("--trl-threads", type=int, default=os.cpu_count(), help="torch threads of the TRL process")
     parser.add_argument("--work-dir", default="outputs/bench-vs-trl")
     parser.add_argument("--worker", choices=("trillora",), help=argparse.SUPPRESS)
@@ -465,13 +439,16 @@ def main() -> None:
 
     work = (ROOT / args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    tree = compose(args.overrides + [f"trainer.run_dir={work / 'trillora' / 'run'}"], args.steps + args.profile_steps)
+    extra = 2 * args.waste_pairs + args.profile_steps
+    tree = compose(args.overrides + [f"trainer.run_dir={work / 'trillora' / 'run'}"], args.steps + extra)
     s = settings_for(tree, sft_base(tree), args.steps, work, args.trl_threads)
     settings_path = work / "settings.json"
     settings_path.write_text(json.dumps({**s, "tree": tree}))
     load_before = os.getloadavg()
     sides = start_sides(settings_path, work)
     done = alternate(sides, args.steps)
+    on_policy = s["ppo_epochs"] == 1 and s["mini_batch_prompts"] == s["prompts_per_step"]
+    waste = waste_removed(sides["trillora"], args.waste_pairs, on_policy) if args.waste_pairs else None
     profile = profile_steps(sides["trillora"], args.profile_steps, work) if args.profile_steps else None
     reports = {name: side_report(sides[name], done[name], args.warmup) for name in SIDES}
     for side in sides.values():
@@ -492,6 +469,8 @@ def main() -> None:
         "accuracy": {"heldout_prompts": s["heldout_size"], "samples_per_prompt_sampled": s["group"],
                      "equal_wall_time_s": budget, "points": evals},
     }
+    if waste:
+        result["waste_removed"] = waste
     if profile:
         result["profile"] = profile
     out = Path(args.out)
