@@ -16,8 +16,9 @@ tokens per second, the peak RSS of each side's whole process tree, trillora's ph
 and held-out accuracy of each side's adapter after the same number of steps and after the
 same training wall time, all from one evaluator (HF transformers on the merged weights,
 greedy and sampled with the same seeds, ``scripts/bench_heldout.py``). After the comparison,
-trillora alone: ``--waste-pairs W`` pairs of steps with the separate old-log-prob forward kept
-and skipped in turns (``waste_removed``: before/after and the saving), then
+trillora alone: for each waste removed (``WASTES``: the separate old-log-prob forward, fresh
+reward workers every step) ``--waste-pairs W`` pairs of steps with it kept and removed in
+turns (``waste_removed``: before/after and the saving), then
 ``--profile-steps P`` steps under py-spy (driver, training rank 0, rollout engine; the top
 costs per phase go under ``profile``). The defaults take about 10 minutes on 2 cores.
 
@@ -208,8 +209,8 @@ class LockstepStep:
                     "engine": self.run_.rollout.call(0, "info")["pid"]}
             self.lockstep.send("ready", pids=pids, threads=int(os.environ.get("OMP_NUM_THREADS", "1")))
         options = self.lockstep.begin(step)
-        if "old_logprobs" in options:  # the waste-removal steps: the old-log-prob forward on or skipped
-            self.inner.s = replace(self.inner.s, old_logprobs=options["old_logprobs"])
+        if options:  # the waste-removal steps: StepSettings fields with the waste kept or removed
+            self.inner.s = replace(self.inner.s, **options)
         metrics = self.inner.run(problems, step, before_update)
         seconds = self.lockstep.elapsed()
         if step <= self.compared_steps:
@@ -328,31 +329,42 @@ def alternate(sides: dict[str, Side], steps: int) -> dict[str, list[dict]]:
 
 
 PHASE_NAMES = ("generate", "reward", "old_logprobs", "update", "sync")  # trainers.grpo.PHASES (no torch import here)
+# Wastes the profile showed, each: (what, StepSettings with it, StepSettings without it).
+WASTES = {
+    "old_logprob_forward": (
+        "the separate no-grad forward for old log-probs, skipped when the update is provably on-policy (one "
+        "epoch, one mini-batch): old = the update's own log-probs, detached (trainers.grpo)",
+        {"old_logprobs": "always"}, {"old_logprobs": "auto"}),
+    "reward_worker_starts": (
+        "fresh reward-worker interpreters every step (one start per worker, on the critical path once the old "
+        "log-prob forward no longer hides it); kept from step to step instead (rlcore.reward_scoring.RewardWorkers)",
+        {"keep_reward_workers": False}, {"keep_reward_workers": True}),
+}
 
 
 def waste_removed(side: Side, pairs: int, on_policy: bool) -> dict:
-    """``2 pairs`` more trillora steps alone, the separate old-log-prob forward kept
-    (``trainer.old_logprobs=always``: before) and skipped (``auto``: after) in turns, the first
-    of each pair alternating; the same process, weights and data stream, so only that differs."""
-    runs: dict[str, list[dict]] = {"always": [], "auto": []}
-    for pair in range(pairs):
-        for mode in ("always", "auto") if pair % 2 == 0 else ("auto", "always"):
-            runs[mode].append(side.step(old_logprobs=mode))
-            print(f"waste: old_logprobs={mode:6s} {runs[mode][-1]['seconds']:7.3f} s", flush=True)
-    before, after = (spread([s["seconds"] for s in runs[mode]]) for mode in ("always", "auto"))
-    removed = {
-        "old_logprob_forward": {
-            "what": "the separate no-grad forward for old log-probs, skipped when the update is provably on-policy "
-                    "(one epoch, one mini-batch): old = the update's own log-probs, detached (trainers.grpo)",
-            "applies": on_policy, "steps_each": pairs, "before_s": before, "after_s": after,
-            "saving_s_median": before["median"] - after["median"],
-            "saving_frac_median": 1 - after["median"] / before["median"],
-            "phases_median_s": {label: {p: statistics.median(s["phases"][p] for s in runs[mode])
-                                        for p in PHASE_NAMES} for mode, label in (("always", "before"), ("auto", "after"))}},
-        "reference_forward": {"what": "the reference (adapter-off) forward, skipped when neither a KL term nor a KL "
-                                      "metric is configured (issue 13; scripts/bench_grpo_step.py measures its cost)",
-                              "applies": True, "measured_here": False},
-    }
+    """For each of WASTES, ``2 pairs`` more trillora steps alone, the waste kept (before) and
+    removed (after) in turns, the first of each pair alternating; the same process, weights and
+    data stream, so only that setting differs (the other wastes stay removed)."""
+    removed = {}
+    for name, (what, before, after) in WASTES.items():
+        runs: dict[str, list[dict]] = {"before": [], "after": []}
+        for pair in range(pairs):
+            for label in ("before", "after") if pair % 2 == 0 else ("after", "before"):
+                runs[label].append(side.step(**(before if label == "before" else after)))
+                print(f"waste {name}: {label:6s} {runs[label][-1]['seconds']:7.3f} s", flush=True)
+        times = {label: spread([s["seconds"] for s in steps]) for label, steps in runs.items()}
+        removed[name] = {
+            "what": what, "before_settings": before, "after_settings": after, "steps_each": pairs,
+            "before_s": times["before"], "after_s": times["after"],
+            "saving_s_median": times["before"]["median"] - times["after"]["median"],
+            "saving_frac_median": 1 - times["after"]["median"] / times["before"]["median"],
+            "phases_median_s": {label: {p: statistics.median(s["phases"][p] for s in steps) for p in PHASE_NAMES}
+                                for label, steps in runs.items()}}
+    removed["old_logprob_forward"]["applies_to_compared_step"] = on_policy
+    removed["reference_forward"] = {"what": "the reference (adapter-off) forward, skipped when neither a KL term nor "
+                                            "a KL metric is configured (issue 13; scripts/bench_grpo_step.py "
+                                            "measures its cost)", "measured_here": False}
     return removed
 
 
@@ -420,7 +432,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps of each side in the comparison")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time figures")
     parser.add_argument("--waste-pairs", type=int, default=4,
-                        help="pairs of trillora steps after the comparison, the old-log-prob forward on and skipped")
+                        help="pairs of trillora steps per waste after the comparison, the waste kept and removed")
     parser.add_argument("--profile-steps", type=int, default=3, help="trillora steps under py-spy at the end (0: none)")
     parser.add_argument("--trl-threads", type=int, default=os.cpu_count(), help="torch threads of the TRL process")
     parser.add_argument("--work-dir", default="outputs/bench-vs-trl")
@@ -439,7 +451,7 @@ def main() -> None:
 
     work = (ROOT / args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    extra = 2 * args.waste_pairs + args.profile_steps
+    extra = 2 * args.waste_pairs * len(WASTES) + args.profile_steps
     tree = compose(args.overrides + [f"trainer.run_dir={work / 'trillora' / 'run'}"], args.steps + extra)
     s = settings_for(tree, sft_base(tree), args.steps, work, args.trl_threads)
     settings_path = work / "settings.json"

@@ -36,7 +36,7 @@ from rlcore.gfpo import gfpo_advantages
 from rlcore.gvpo import GVPO_LOSS_MODE, gvpo_group_columns
 from rlcore.masked import masked_mean
 from rlcore.objective import RLObjective, add_batch_normalisers, correction_weights
-from rlcore.rewards import get_reward, score_batch
+from rlcore.rewards import RewardWorkers, get_reward, score_batch
 from rlcore.riskpo import riskpo_advantages
 from rlcore.tasks import Problem
 from rollout.batching import PackedBatch, pack_groups
@@ -106,6 +106,7 @@ class StepSettings:
     fault_kind: str = "nan"
     adapter: str = "default"  # the training fleet's adapter this step trains (many share a base)
     old_logprobs: str = "auto"  # trainer.old_logprobs: auto skips their forward when provably on-policy
+    keep_reward_workers: bool = True  # False: fresh reward workers every step (the benchmark's "before")
 
     @classmethod
     def from_run(cls, cfg, adapter: str = "default") -> StepSettings:
@@ -156,6 +157,7 @@ class GRPOStep:
         # The policy's log-probs are those of the distribution vLLM samples from.
         self.temperature = settings.sampling.temperature or 1.0
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+        self._reward_workers = RewardWorkers(self.reward_fn)  # kept across steps: no interpreter starts per step
         self.skipped_total = 0  # optimizer steps skipped over the run (resumed with the run)
         self._skipped_in_a_row = 0
         self.log = log
@@ -174,10 +176,11 @@ class GRPOStep:
         packed = pack_groups(groups, pad_token_id=self.tokenizer.pad_token_id)
         texts = [c.text for g in groups for c in g.completions]
         answers = [p.answer for p, g in zip(problems, groups) for _ in g.completions]
-        # Rewards run in worker processes while the training fleet computes old log-probs.
+        # Rewards run in worker processes (kept from step to step) while the training fleet
+        # computes old log-probs, if the step needs them.
         rewards_future = self._reward_pool.submit(
-            score_batch, self.reward_fn, texts, answers,
-            timeout_s=self.s.reward_timeout_s, max_workers=self.s.reward_workers)
+            score_batch, self.reward_fn, texts, answers, timeout_s=self.s.reward_timeout_s,
+            max_workers=self.s.reward_workers, pool=self._reward_workers if self.s.keep_reward_workers else None)
         batch = packed.training_inputs()
         with timer("old_logprobs"):
             old_logprobs = entropy = ref_logprobs = None
@@ -319,4 +322,5 @@ class GRPOStep:
         self.skipped_total, self._skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
 
     def close(self) -> None:
-        self._reward_pool.shutdown(wait=False)
+        self._reward_pool.shutdown(wait=True, cancel_futures=True)  # the scoring thread is done with the workers
+        self._reward_workers.close()
