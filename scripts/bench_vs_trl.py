@@ -323,7 +323,7 @@ def alternate(sides: dict[str, Side], steps: int) -> dict[str, list[dict]]:
     done = {name: [] for name in sides}
     for step in range(1, steps + 1):
         for name in (SIDES if step % 2 else SIDES[::-1]):
-            done[name].append(sides[name].step())
+            done[name].append({**sides[name].step(), "loadavg_1min": os.getloadavg()[0]})
             print(f"step {step:3d} {name:8s} {done[name][-1]['seconds']:7.3f} s", flush=True)
     return done
 
@@ -400,6 +400,7 @@ def side_report(side: Side, steps: list[dict], warmup: int) -> dict:
     measured = steps[warmup:]
     seconds = [s["seconds"] for s in measured]
     report = {"ready": side.ready, "step_seconds": [round(s["seconds"], 4) for s in steps],
+              "loadavg_1min_after_each_step": [round(s["loadavg_1min"], 2) for s in steps],
               "reward_mean": [round(s["reward_mean"], 4) for s in steps],
               "seconds_per_step": spread(seconds),
               "tokens_per_s": sum(s["tokens"] for s in measured) / sum(seconds),
