@@ -20,7 +20,7 @@ trillora alone: for each waste removed (``WASTES``: the separate old-log-prob fo
 reward workers every step) ``--waste-pairs W`` pairs of steps with it kept and removed in
 turns (``waste_removed``: before/after and the saving), then
 ``--profile-steps P`` steps under py-spy (driver, training rank 0, rollout engine; the top
-costs per phase go under ``profile``). The defaults take about 10 minutes on 2 cores.
+costs per phase go under ``profile``). The defaults take about 4 minutes on 2 cores (more on a busy machine).
 
     python scripts/bench_vs_trl.py --setup       # once: .venv-bench with TRL (the first run does it too)
     python scripts/bench_vs_trl.py --out bench_results/vs_trl.json
@@ -340,6 +340,7 @@ WASTES = {
         "log-prob forward no longer hides it); kept from step to step instead (rlcore.reward_scoring.RewardWorkers)",
         {"keep_reward_workers": False}, {"keep_reward_workers": True}),
 }
+ALL_REMOVED = {k: v for _, _, after in WASTES.values() for k, v in after.items()}
 
 
 def waste_removed(side: Side, pairs: int, on_policy: bool) -> dict:
@@ -351,7 +352,7 @@ def waste_removed(side: Side, pairs: int, on_policy: bool) -> dict:
         runs: dict[str, list[dict]] = {"before": [], "after": []}
         for pair in range(pairs):
             for label in ("before", "after") if pair % 2 == 0 else ("after", "before"):
-                runs[label].append(side.step(**(before if label == "before" else after)))
+                runs[label].append(side.step(**{**ALL_REMOVED, **(before if label == "before" else {})}))
                 print(f"waste {name}: {label:6s} {runs[label][-1]['seconds']:7.3f} s", flush=True)
         times = {label: spread([s["seconds"] for s in steps]) for label, steps in runs.items()}
         removed[name] = {
@@ -378,7 +379,7 @@ def profile_steps(side: Side, count: int, out_dir: Path) -> dict:
                    "--full-filenames", "--nonblocking", "--output", str(path)]
         spies[role] = (path, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(2)  # py-spy attaches
-    steps = [side.step() for _ in range(count)]
+    steps = [side.step(**ALL_REMOVED) for _ in range(count)]  # every waste removed, as compared
     for _, proc in spies.values():
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -430,9 +431,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", action="store_true", help="make or refresh .venv-bench, then exit")
     parser.add_argument("--out", default="bench_results/vs_trl.json")
-    parser.add_argument("--steps", type=int, default=12, help="steps of each side in the comparison")
+    parser.add_argument("--steps", type=int, default=20, help="steps of each side in the comparison")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the step-time figures")
-    parser.add_argument("--waste-pairs", type=int, default=4,
+    parser.add_argument("--waste-pairs", type=int, default=6,
                         help="pairs of trillora steps per waste after the comparison, the waste kept and removed")
     parser.add_argument("--profile-steps", type=int, default=3, help="trillora steps under py-spy at the end (0: none)")
     parser.add_argument("--trl-threads", type=int, default=os.cpu_count(), help="torch threads of the TRL process")
