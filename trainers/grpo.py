@@ -218,7 +218,8 @@ class GRPOStep:
         cfg = self.s.algorithm
         mask = packed.response_mask.float()
         lengths = mask.sum(-1)
-        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        metrics = {"reward/mean": rewards.mean().item(),
+                   "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
                    "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item()}
         if cfg.overlong_shaping:
             rewards = rewards + overlong_reward_shaping(lengths, cfg.overlong_max_len, cfg.overlong_cache_len,
