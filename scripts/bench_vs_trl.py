@@ -16,11 +16,11 @@ tokens per second, the peak RSS of each side's whole process tree, trillora's ph
 and held-out accuracy of each side's adapter after the same number of steps and after the
 same training wall time, all from one evaluator (HF transformers on the merged weights,
 greedy and sampled with the same seeds, ``scripts/bench_heldout.py``). After the comparison,
-trillora alone: for each waste removed (``WASTES``: the separate old-log-prob forward, fresh
-reward workers every step) ``--waste-pairs W`` pairs of steps with it kept and removed in
-turns (``waste_removed``: before/after and the saving), then
-``--profile-steps P`` steps under py-spy (driver, training rank 0, rollout engine; the top
-costs per phase go under ``profile``). The defaults take about 4 minutes on 2 cores (more on a busy machine).
+trillora alone (``scripts/bench_waste.py``): for each waste removed (the separate old-log-prob
+forward, fresh reward workers every step) ``--waste-pairs W`` pairs of steps with it kept and
+removed in turns (``waste_removed``: before/after and the saving), then ``--profile-steps P``
+steps under py-spy (driver, training rank 0, rollout engine; the top costs per phase go under
+``profile``). The defaults take about 4 minutes on 2 cores (more on a busy machine).
 
     python scripts/bench_vs_trl.py --setup       # once: .venv-bench with TRL (the first run does it too)
     python scripts/bench_vs_trl.py --out bench_results/vs_trl.json
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,12 +46,12 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.bench_heldout import evaluate_all  # noqa: E402
 from scripts.bench_lockstep import Lockstep  # noqa: E402
+from scripts.bench_waste import WASTES, profile_steps, spread, waste_removed  # noqa: E402
 
 BENCH_VENV = ROOT / ".venv-bench"
 BENCH_PYTHON = BENCH_VENV / "bin" / "python"
 SIDES = ("trillora", "trl")
 RSS_INTERVAL_S = 0.5
-PROFILE_RATE_HZ = 50
 # The bench's own run of the main job: no in-loop evaluation or checkpoint but at the end, no W&B,
 # and TRL's advantage epsilon (1e-4, fixed in TRL) instead of trillora's 1e-6.
 TRILLORA_OVERRIDES = ["trainer.eval_every=1000000", "trainer.checkpoint_every=1000000", "trainer.resume=never",
@@ -103,7 +102,10 @@ FAIRNESS = {
         "once per generation batch and reuses the same split for every iteration",
         "LoRA on q/k/v: trillora adapts Megatron's fused linear_qkv (one A shared by q, k and v); PEFT gives "
         "q_proj, k_proj and v_proj an A each; experts' gate/up are fused on both (one A per expert)",
-        "rewards: trillora scores in worker processes, overlapped with the old log-probs; TRL in-process",
+        "rewards: trillora scores in worker processes kept across steps (overlapped with the old log-probs "
+        "when a step computes them); TRL in-process",
+        "tokens: both count prompt + completion tokens of the step's rows (trillora: the attention mask; TRL: "
+        "prompt ids + completion ids)",
     ],
 }
 
@@ -329,75 +331,7 @@ def alternate(sides: dict[str, Side], steps: int) -> dict[str, list[dict]]:
     return done
 
 
-PHASE_NAMES = ("generate", "reward", "old_logprobs", "update", "sync")  # trainers.grpo.PHASES (no torch import here)
-# Wastes the profile showed, each: (what, StepSettings with it, StepSettings without it).
-WASTES = {
-    "old_logprob_forward": (
-        "the separate no-grad forward for old log-probs, skipped when the update is provably on-policy (one "
-        "epoch, one mini-batch): old = the update's own log-probs, detached (trainers.grpo)",
-        {"old_logprobs": "always"}, {"old_logprobs": "auto"}),
-    "reward_worker_starts": (
-        "fresh reward-worker interpreters every step (one start per worker, on the critical path once the old "
-        "log-prob forward no longer hides it); kept from step to step instead (rlcore.reward_scoring.RewardWorkers)",
-        {"keep_reward_workers": False}, {"keep_reward_workers": True}),
-}
-ALL_REMOVED = {k: v for _, _, after in WASTES.values() for k, v in after.items()}
-
-
-def waste_removed(side: Side, pairs: int, on_policy: bool) -> dict:
-    """For each of WASTES, ``2 pairs`` more trillora steps alone, the waste kept (before) and
-    removed (after) in turns, the first of each pair alternating; the same process, weights and
-    data stream, so only that setting differs (the other wastes stay removed)."""
-    removed = {}
-    for name, (what, before, after) in WASTES.items():
-        runs: dict[str, list[dict]] = {"before": [], "after": []}
-        for pair in range(pairs):
-            for label in ("before", "after") if pair % 2 == 0 else ("after", "before"):
-                runs[label].append(side.step(**{**ALL_REMOVED, **(before if label == "before" else {})}))
-                print(f"waste {name}: {label:6s} {runs[label][-1]['seconds']:7.3f} s", flush=True)
-        times = {label: spread([s["seconds"] for s in steps]) for label, steps in runs.items()}
-        removed[name] = {
-            "what": what, "before_settings": before, "after_settings": after, "steps_each": pairs,
-            "before_s": times["before"], "after_s": times["after"],
-            "saving_s_median": times["before"]["median"] - times["after"]["median"],
-            "saving_frac_median": 1 - times["after"]["median"] / times["before"]["median"],
-            "phases_median_s": {label: {p: statistics.median(s["phases"][p] for s in steps) for p in PHASE_NAMES}
-                                for label, steps in runs.items()}}
-    removed["old_logprob_forward"]["applies_to_compared_step"] = on_policy
-    removed["reference_forward"] = {"what": "the reference (adapter-off) forward, skipped when neither a KL term nor "
-                                            "a KL metric is configured (issue 13; scripts/bench_grpo_step.py "
-                                            "measures its cost)", "measured_here": False}
-    return removed
-
-
-def profile_steps(side: Side, count: int, out_dir: Path) -> dict:
-    """``count`` more trillora steps alone, py-spy on the driver, training rank 0 and the engine."""
-    spy = Path(sys.executable).with_name("py-spy")
-    spies = {}
-    for role, pid in side.ready["pids"].items():
-        path = out_dir / f"pyspy-{role}.txt"
-        command = [str(spy), "record", "--pid", str(pid), "--rate", str(PROFILE_RATE_HZ), "--format", "raw",
-                   "--full-filenames", "--nonblocking", "--output", str(path)]
-        spies[role] = (path, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    time.sleep(2)  # py-spy attaches
-    steps = [side.step(**ALL_REMOVED) for _ in range(count)]  # every waste removed, as compared
-    for _, proc in spies.values():
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-    from scripts.profile_summary import summarize
-
-    return {"steps": count, "rate_hz": PROFILE_RATE_HZ, "step_seconds": [s["seconds"] for s in steps],
-            "phases_mean_s": {p: statistics.mean(s["phases"][p] for s in steps) for p in steps[0]["phases"]},
-            "processes": {role: summarize(path, PROFILE_RATE_HZ, role) for role, (path, _) in spies.items()}}
-
-
 # ---- the report ------------------------------------------------------------------------
-def spread(values: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "q1": q[0], "q3": q[2],
-            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
 def side_report(side: Side, steps: list[dict], warmup: int) -> dict:
     measured = steps[warmup:]
     seconds = [s["seconds"] for s in measured]
