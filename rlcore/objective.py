@@ -22,6 +22,11 @@ piece / rows of the batch. It also reads ``group_ids`` and ``group_size``
 (``rlcore.gvpo.gvpo_group_columns``), the anchor's log-probs (``ref_logprobs`` or
 ``old_logprobs``) and ``advantages`` = R - mean R; its loss centres the implicit reward over
 each group, so every micro-batch must hold whole groups (it raises otherwise).
+
+On-policy pieces (the step skipped its separate old-log-prob forward because one optimizer
+step takes the whole batch once, ``trainers.grpo``) carry no ``old_logprobs``: the old policy
+IS the current one, so old = the current log-probs detached, and the rollout-correction
+weights are computed here from them and the piece's ``rollout_logprobs``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from rlcore.config import AlgorithmConfig
+from rlcore.correction import rollout_correction
 from rlcore.gvpo import GVPO_LOSS_MODE, gvpo_loss
 from rlcore.losses import aggregate_loss, kl_penalty, policy_loss
 
@@ -45,6 +51,26 @@ def add_batch_normalisers(batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {**batch, "batch_num_tokens": num_tokens.expand(batch_size).clone(),
             "batch_num_seqs": num_seqs.expand(batch_size).clone(),
             "batch_num_rows": num_rows.expand(batch_size).clone()}
+
+
+def correction_weights(cfg: AlgorithmConfig, old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Detached rollout-correction weights and mismatch metrics as ``cfg`` configures them."""
+    return rollout_correction(old_logprobs, rollout_logprobs, mask, level=cfg.correction_level,
+                              mode=cfg.correction_mode, cap=cfg.correction_cap, lower=cfg.correction_lower)
+
+
+def old_and_weights(cfg: AlgorithmConfig, logprobs: torch.Tensor,
+                    micro_batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The piece's old log-probs and correction weights: its columns, or, on-policy (no
+    ``old_logprobs`` column), the current log-probs detached and weights computed from them."""
+    if "old_logprobs" in micro_batch:
+        return micro_batch["old_logprobs"], micro_batch.get("is_weights")
+    old = logprobs.detach()
+    if not cfg.correction_enabled:
+        return old, None
+    weights, _ = correction_weights(cfg, old, micro_batch["rollout_logprobs"], micro_batch["loss_mask"])
+    return old, weights
 
 
 def batch_share(mask: torch.Tensor, micro_batch: dict[str, torch.Tensor], agg: str) -> torch.Tensor:
@@ -90,11 +116,11 @@ class RLObjective:
         """The policy loss (+ KL to the reference) of this piece, as a mean over the piece."""
         cfg = self.cfg
         mask = micro_batch["loss_mask"]
+        old, weights = old_and_weights(cfg, logprobs, micro_batch)
         loss, metrics = policy_loss(
-            logprobs, micro_batch["old_logprobs"], micro_batch["advantages"], mask,
+            logprobs, old, micro_batch["advantages"], mask,
             mode=cfg.loss_mode, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, agg=cfg.agg, max_len=cfg.max_len,
-            is_weights=micro_batch.get("is_weights"),
+            dual_clip=cfg.dual_clip, agg=cfg.agg, max_len=cfg.max_len, is_weights=weights,
         )
         metrics = {f"loss/{k}": v for k, v in metrics.items()}
         metrics["loss/policy"] = float(loss.detach())
@@ -108,7 +134,8 @@ class RLObjective:
     def _gvpo(self, logprobs: torch.Tensor, micro_batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """GVPO's loss of this piece's whole groups, as a mean over its rows."""
         cfg = self.cfg
-        anchor = micro_batch["ref_logprobs" if cfg.gvpo_anchor == "ref" else "old_logprobs"]
+        anchor = micro_batch["ref_logprobs"] if cfg.gvpo_anchor == "ref" else old_and_weights(
+            cfg, logprobs, micro_batch)[0]
         loss, metrics = gvpo_loss(
             logprobs, anchor, micro_batch["advantages"], micro_batch["loss_mask"],
             micro_batch["group_ids"], beta=cfg.gvpo_beta, group_sizes=micro_batch["group_size"])

@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rlcore.answers import answers_match, extract_answer, last_boxed_content, parse_number
-from rlcore.reward_scoring import score_batch
+from rlcore.reward_scoring import RewardWorkers, score_batch
 from rlcore.validation import ConfigError
 
 RewardFn = Callable[[str, str], float]
 
 _REGISTRY: dict[str, RewardFn] = {}
 
-__all__ = ["RewardFn", "format_reward", "get_reward", "math_reward", "register_reward",
+__all__ = ["RewardFn", "RewardWorkers", "format_reward", "get_reward", "math_reward", "register_reward",
            "registered_rewards", "score_batch"]
 
 

@@ -105,6 +105,7 @@ class TaskConfig:
 RUN_DIR_POLICIES = ("refuse", "overwrite", "new")
 FAULT_KINDS = ("nan", "inf", "skip_update")
 LAUNCHERS = ("ray", "torchrun")
+OLD_LOGPROBS = ("auto", "always")
 
 
 @dataclass
@@ -117,6 +118,10 @@ class TrainerConfig:
     ppo_epochs: int = 2
     mini_batch_prompts: int = 8  # prompts per optimizer step (all their samples)
     micro_batch_size: int = 64  # rows per forward/backward micro-batch on a rank
+    # auto: a step whose update is provably on-policy (ppo_epochs 1, one mini-batch of all the
+    # step's prompts) skips the separate old-log-prob forward and takes the update's own
+    # log-probs, detached (trainers.grpo); always: the separate forward every step.
+    old_logprobs: str = "auto"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -169,6 +174,7 @@ class TrainerConfig:
         check_range("trainer.reward_timeout_s", self.reward_timeout_s, gt=0)
         check_range("trainer.preemption_grace_s", self.preemption_grace_s, gt=0)
         check_choice("trainer.resume", self.resume, ("auto", "never"))
+        check_choice("trainer.old_logprobs", self.old_logprobs, OLD_LOGPROBS)
         check_choice("trainer.if_run_dir_exists", self.if_run_dir_exists, RUN_DIR_POLICIES)
         check_choice("trainer.placement", self.placement, ("colocated", "separate"))
         check_choice("trainer.launcher", self.launcher, LAUNCHERS)

@@ -5,6 +5,12 @@ isolated) -> group advantages -> old log-probs [+ reference log-probs] (Megatron
 rollout-correction weights (vLLM vs Megatron log-probs) -> PPO epochs over mini-batches ->
 weight sync -> metrics.
 
+An on-policy update (one epoch, one mini-batch of all the step's prompts: no optimizer step
+between the old policy and the loss) skips the separate old-log-prob forward
+(``trainer.old_logprobs=auto``): the update's own forward gives them, detached
+(``rlcore.objective.old_and_weights``), and the step's correction and entropy metrics come from
+the log-probs that forward returns.
+
 Prompts of step s and the sampling seed of each prompt are functions of (seed, s, index), so a
 run resumed at step s draws exactly the samples an uninterrupted run draws.
 
@@ -25,13 +31,12 @@ import torch
 
 from rlcore.advantages import grpo_advantages, rloo_advantages
 from rlcore.config import AlgorithmConfig
-from rlcore.correction import rollout_correction
 from rlcore.dapo import filter_zero_variance_groups, overlong_reward_shaping
 from rlcore.gfpo import gfpo_advantages
 from rlcore.gvpo import GVPO_LOSS_MODE, gvpo_group_columns
 from rlcore.masked import masked_mean
-from rlcore.objective import RLObjective, add_batch_normalisers
-from rlcore.rewards import get_reward, score_batch
+from rlcore.objective import RLObjective, add_batch_normalisers, correction_weights
+from rlcore.rewards import RewardWorkers, get_reward, score_batch
 from rlcore.riskpo import riskpo_advantages
 from rlcore.tasks import Problem
 from rollout.batching import PackedBatch, pack_groups
@@ -100,6 +105,8 @@ class StepSettings:
     fault_steps: tuple[int, ...] = ()  # trainer.fault_steps / fault_kind (fault injection)
     fault_kind: str = "nan"
     adapter: str = "default"  # the training fleet's adapter this step trains (many share a base)
+    old_logprobs: str = "auto"  # trainer.old_logprobs: auto skips their forward when provably on-policy
+    keep_reward_workers: bool = True  # False: fresh reward workers every step (the benchmark's "before")
 
     @classmethod
     def from_run(cls, cfg, adapter: str = "default") -> StepSettings:
@@ -107,7 +114,12 @@ class StepSettings:
         t = cfg.trainer
         return cls(cfg.algorithm, cfg.rollout.sampling, t.samples_per_prompt, t.ppo_epochs, t.mini_batch_prompts,
                    t.lr, t.betas, t.weight_decay, t.grad_clip, t.seed, t.reward_timeout_s, t.reward_workers,
-                   t.max_skipped_steps, t.fault_steps, t.fault_kind, adapter)
+                   t.max_skipped_steps, t.fault_steps, t.fault_kind, adapter, t.old_logprobs)
+
+    def on_policy(self, prompts: int) -> bool:
+        """Whether a step of ``prompts`` prompts takes its old log-probs from the update's forward:
+        one epoch of one mini-batch, so no optimizer step comes between them and the loss."""
+        return self.old_logprobs == "auto" and self.ppo_epochs == 1 and self.mini_batch_prompts >= prompts
 
 
 class NonFiniteTraining(RuntimeError):
@@ -145,6 +157,7 @@ class GRPOStep:
         # The policy's log-probs are those of the distribution vLLM samples from.
         self.temperature = settings.sampling.temperature or 1.0
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+        self._reward_workers = RewardWorkers(self.reward_fn)  # kept across steps: no interpreter starts per step
         self.skipped_total = 0  # optimizer steps skipped over the run (resumed with the run)
         self._skipped_in_a_row = 0
         self.log = log
@@ -163,15 +176,17 @@ class GRPOStep:
         packed = pack_groups(groups, pad_token_id=self.tokenizer.pad_token_id)
         texts = [c.text for g in groups for c in g.completions]
         answers = [p.answer for p, g in zip(problems, groups) for _ in g.completions]
-        # Rewards run in worker processes while the training fleet computes old log-probs.
+        # Rewards run in worker processes (kept from step to step) while the training fleet
+        # computes old log-probs, if the step needs them.
         rewards_future = self._reward_pool.submit(
-            score_batch, self.reward_fn, texts, answers,
-            timeout_s=self.s.reward_timeout_s, max_workers=self.s.reward_workers)
+            score_batch, self.reward_fn, texts, answers, timeout_s=self.s.reward_timeout_s,
+            max_workers=self.s.reward_workers, pool=self._reward_workers if self.s.keep_reward_workers else None)
         batch = packed.training_inputs()
         with timer("old_logprobs"):
-            old_logprobs, entropy = self.training.compute_logprobs(batch, self.temperature, with_entropy=True,
-                                                                   adapter=self.s.adapter)
-            ref_logprobs = None
+            old_logprobs = entropy = ref_logprobs = None
+            if not self.s.on_policy(len(problems)):
+                old_logprobs, entropy = self.training.compute_logprobs(batch, self.temperature, with_entropy=True,
+                                                                       adapter=self.s.adapter)
             if self.s.algorithm.tracks_reference_kl or uses_gvpo_reference(self.s.algorithm):
                 ref_logprobs = self.training.compute_logprobs(batch, self.temperature, adapter=None)
         with timer("reward"):
@@ -198,13 +213,14 @@ class GRPOStep:
         return metrics
 
     def prepare(self, packed: PackedBatch, rewards: torch.Tensor, old_logprobs, ref_logprobs, entropy):
-        """Rewards -> advantages -> correction weights; the rows that train, and metrics."""
+        """Rewards -> advantages -> correction weights; the rows that train, and metrics. Without
+        ``old_logprobs`` (on-policy) the rows carry ``rollout_logprobs`` for the objective instead."""
         cfg = self.s.algorithm
         mask = packed.response_mask.float()
         lengths = mask.sum(-1)
-        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-                   "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
-                   "policy/entropy": masked_mean(entropy, mask).item()}
+        metrics = {"reward/mean": rewards.mean().item(),
+                   "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                   "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item()}
         if cfg.overlong_shaping:
             rewards = rewards + overlong_reward_shaping(lengths, cfg.overlong_max_len, cfg.overlong_cache_len,
                                                         cfg.overlong_penalty)
@@ -212,17 +228,15 @@ class GRPOStep:
         if cfg.dynamic_sampling:
             keep &= filter_zero_variance_groups(rewards, packed.group_ids)
         metrics["reward/kept_frac"] = keep.float().mean().item()
-        weights = torch.ones_like(mask)
-        if cfg.correction_enabled:
-            weights, correction = rollout_correction(
-                old_logprobs, packed.rollout_logprobs, mask, level=cfg.correction_level,
-                mode=cfg.correction_mode, cap=cfg.correction_cap, lower=cfg.correction_lower)
-            metrics.update({f"correction/{k}": v for k, v in correction.items()})
+        batch = {**packed.training_inputs(), "advantages": advantages, "row_index": torch.arange(len(rewards))}
+        if old_logprobs is None:
+            batch["rollout_logprobs"] = packed.rollout_logprobs
+        else:
+            batch["old_logprobs"] = old_logprobs
+            batch["is_weights"], more = self.old_policy_metrics(old_logprobs, packed.rollout_logprobs, mask,
+                                                                entropy, ref_logprobs)
+            metrics.update(more)
         if ref_logprobs is not None:
-            metrics["policy/kl_ref"] = masked_mean(old_logprobs - ref_logprobs, mask).item()
-        batch = {**packed.training_inputs(), "old_logprobs": old_logprobs, "advantages": advantages,
-                 "is_weights": weights, "row_index": torch.arange(len(rewards))}
-        if cfg.kl_coef > 0 or uses_gvpo_reference(cfg):
             batch["ref_logprobs"] = ref_logprobs
         rows = keep.nonzero().squeeze(-1)
         batch = select_rows(batch, rows)
@@ -230,8 +244,27 @@ class GRPOStep:
             batch.update(gvpo_group_columns(packed.group_ids[rows]))
         return batch, metrics
 
+    def old_policy_metrics(self, old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                           entropy: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None):
+        """Correction weights (ones when off) and the old policy's metrics: mismatch to the rollout
+        engine, entropy (without the full distribution: mean -log p of the sampled tokens, an
+        unbiased estimate of it for on-policy samples), KL to the reference."""
+        cfg, metrics = self.s.algorithm, {}
+        weights = torch.ones_like(mask)
+        if cfg.correction_enabled:
+            weights, correction = correction_weights(cfg, old_logprobs, rollout_logprobs, mask)
+            metrics.update({f"correction/{k}": v for k, v in correction.items()})
+        if entropy is None:
+            metrics["policy/entropy_estimate"] = masked_mean(-old_logprobs, mask).item()
+        else:
+            metrics["policy/entropy"] = masked_mean(entropy, mask).item()
+        if ref_logprobs is not None:
+            metrics["policy/kl_ref"] = masked_mean(old_logprobs - ref_logprobs, mask).item()
+        return weights, metrics
+
     def update(self, batch: dict[str, torch.Tensor], group_ids: torch.Tensor, step: int) -> dict[str, float]:
-        """PPO epochs; each optimizer step takes ``mini_batch_prompts`` whole groups."""
+        """PPO epochs; each optimizer step takes ``mini_batch_prompts`` whole groups. On-policy
+        (no ``old_logprobs``): the old policy's metrics from the log-probs the update saw."""
         if batch["input_ids"].shape[0] == 0:
             return {"update/skipped": 1.0}
         objective = self.objective
@@ -243,13 +276,18 @@ class GRPOStep:
         groups = torch.unique(group_ids)
         generator = torch.Generator().manual_seed(spread_seed(self.s.seed, step))
         totals: dict[str, float] = {}
-        count = 0
+        count, on_policy, old = 0, "old_logprobs" not in batch, {}
         for _ in range(self.s.ppo_epochs):
             order = groups[torch.randperm(len(groups), generator=generator)]
             for chosen in order.split(self.s.mini_batch_prompts):
                 rows = torch.isin(group_ids, chosen).nonzero().squeeze(-1)
                 mini = add_batch_normalisers(select_rows(batch, rows))
-                metrics = self.training.forward_backward(mini, objective, self.temperature, adapter=self.s.adapter)
+                metrics = self.training.forward_backward(mini, objective, self.temperature, adapter=self.s.adapter,
+                                                         return_logprobs=on_policy)
+                if on_policy:
+                    metrics, seen = metrics
+                    _, old = self.old_policy_metrics(seen, mini["rollout_logprobs"], mini["loss_mask"].float(),
+                                                     ref_logprobs=mini.get("ref_logprobs"))
                 optim = self.training.optim_step(self.s.lr, self.s.betas, self.s.weight_decay, self.s.grad_clip,
                                                  adapter=self.s.adapter)
                 self._count_skip(step, count, metrics.get("loss", 0.0), optim)
@@ -257,7 +295,7 @@ class GRPOStep:
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 count += 1
-        out = {k: v / count for k, v in totals.items()}
+        out = {**old, **{k: v / count for k, v in totals.items()}}
         out["loss/policy"] = out.pop("loss/policy", 0.0)
         out["optim/lr"] = self.s.lr
         out["optim/skipped"] = out.pop("optim/skipped", 0.0) * count  # this step's skipped optimizer steps
@@ -285,4 +323,5 @@ class GRPOStep:
         self.skipped_total, self._skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
 
     def close(self) -> None:
-        self._reward_pool.shutdown(wait=False)
+        self._reward_pool.shutdown(wait=True, cancel_futures=True)  # the scoring thread is done with the workers
+        self._reward_workers.close()

@@ -6,9 +6,11 @@ import importlib
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import ModuleType
@@ -16,7 +18,7 @@ from types import ModuleType
 import pytest
 
 from rlcore.reward_scoring import _WORKER_CODE
-from rlcore.rewards import math_reward, score_batch
+from rlcore.rewards import RewardWorkers, math_reward, score_batch
 from rlcore.validation import ConfigError
 
 
@@ -83,3 +85,28 @@ def test_a_worker_whose_caller_is_gone_exits_quietly():
     Connection(task_write, readable=False).send_bytes(pickle.dumps(math_reward))
     _, stderr = worker.communicate(timeout=60)
     assert worker.returncode == 0 and stderr == "", stderr
+
+
+def test_a_pool_keeps_healthy_workers_between_batches(fixtures: ModuleType) -> None:
+    """The workers of one batch score the next (no new interpreters); a worker that died in
+    between, or timed out or crashed in a batch, is replaced and the scores stay right."""
+    pool = RewardWorkers(fixtures.misbehaving_reward)
+    score = partial(score_batch, fixtures.misbehaving_reward, timeout_s=0.5, max_workers=2, pool=pool)
+    try:
+        assert score(["1", "2", "3"], ["1", "9", "3"])[0] == [1.0, 0.0, 1.0]
+        kept = pool.pids()
+        assert len(kept) == 2
+        assert score(["4", "5"], ["4", "5"])[0] == [1.0, 1.0]
+        assert pool.pids() == kept
+        os.kill(kept[0], signal.SIGKILL)
+        time.sleep(0.2)
+        rewards, metrics = score(["hang", "die", "6", "7"], ["x", "x", "6", "0"])
+        assert rewards == [0.0, 0.0, 1.0, 0.0]
+        assert (metrics["reward_timeouts"], metrics["reward_errors"]) == (1, 1)
+        assert kept[0] not in pool.pids() and len(pool.pids()) <= 2
+        assert score(["8"], ["8"])[0] == [1.0]
+        with pytest.raises(ValueError, match="the pool's workers score"):
+            score_batch(math_reward, ["1"], ["1"], pool=pool)
+    finally:
+        pool.close()
+    assert pool.pids() == []
