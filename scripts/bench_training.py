@@ -40,7 +40,8 @@ MODELS = {
 }
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
+    """Seconds of ``fn`` across the world: barriers on both sides, so the slowest rank counts."""
     dist.barrier()
     start = time.perf_counter()
     fn()
@@ -76,8 +77,8 @@ def bench_rank(rank: int, world: int, model_dir: str, pcfg: ParallelConfig, batc
 
     times: dict[str, list[float]] = {"forward": [], "fwd_bwd": [], "step": []}
     for i in range(iters + 1):  # the first round warms up
-        rounds = {"forward": _timed(base_forward), "fwd_bwd": _timed(lambda: engine.forward_backward(batch, _loss)),
-                  "step": _timed(lambda: engine.optim_step(lr=1e-4))}
+        rounds = {"forward": timed(base_forward), "fwd_bwd": timed(lambda: engine.forward_backward(batch, _loss)),
+                  "step": timed(lambda: engine.optim_step(lr=1e-4))}
         for key, seconds in rounds.items():
             if i:
                 times[key].append(seconds)
