@@ -13,10 +13,10 @@ On the embedded tiny base (built into ``--work``), in phases that never share th
    forward_backward(cross_entropy) + optim_step) in C threads at once, vs the same clients one
    after another; aggregate train tokens/s of both (alternated, ``--repeats`` times each).
 4. ``switch`` (same server): calls in the order A A B B ..., so that every other call follows
-   a call on the other adapter; the switch cost is the median of those minus the median of
-   the calls that follow one on the same adapter. Once for forward_backward on two adapters,
-   once for sampling with two samplers' weights (a switch loads the other weights and pushes
-   them, merged into the base, into vLLM).
+   a call on the other adapter; the switch cost is the median difference between such a call
+   and the next one (which follows a call on the same adapter). Once for forward_backward on
+   two adapters, once for sampling with two samplers' weights (a switch loads the other
+   weights and pushes them, merged into the base, into vLLM).
 
 Per-step seconds are the median and spread of the steps after the warm-up; the target for
 server / direct is <= 1.3. Figures only (no asserts), written as JSON with the settings and the
@@ -78,8 +78,6 @@ def measured(phase: Callable[[], dict]) -> dict:
 
 
 def direct_phase(settings: Settings, model_dir: Path, tokenizer, work: Path) -> dict:
-    import ray
-
     from trainers.service.fleet_backend import FleetBackend
 
     begin = time.perf_counter()
@@ -89,8 +87,21 @@ def direct_phase(settings: Settings, model_dir: Path, tokenizer, work: Path) -> 
         steps = DirectSteps(backend, SERVED, settings.step, work / "direct")
         result = run_steps(steps, tokenizer, settings.step, settings.warmup, settings.steps)
     finally:
-        ray.shutdown()  # the actors and the local Ray instance go, with the placement group
-    return {"startup_s": startup, **result}
+        shutdown = timed(shutdown_ray)
+    return {"startup_s": startup, **result, "shutdown_s": shutdown}
+
+
+def shutdown_ray() -> None:
+    """Stops the local Ray instance (its placement group goes with it) and waits until every
+    process it started has exited, so that none of them shares the CPU with the server."""
+    import psutil
+    import ray
+
+    started = psutil.Process().children(recursive=True)
+    ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=60)
+    for proc in alive:
+        proc.kill()
 
 
 def scheduler_stats(url: str) -> dict:
@@ -153,10 +164,11 @@ def concurrency_phase(settings: Settings, clients: list, data: list[list]) -> di
 
     for client, datums in zip(clients, data):  # warm-up: every adapter created, resident and stepped once
         train_rounds(client, datums, 1, lr)
-    walls: dict[str, list[float]] = {"one_after_another": [], "at_once": []}
-    for _ in range(settings.repeats):
-        walls["one_after_another"].append(timed(one_after_another))
-        walls["at_once"].append(timed(at_once))
+    modes = {"one_after_another": one_after_another, "at_once": at_once}
+    walls: dict[str, list[float]] = {mode: [] for mode in modes}
+    for repeat in range(settings.repeats):
+        for mode in sorted(modes, reverse=bool(repeat % 2)):  # either order, in turn
+            walls[mode].append(timed(modes[mode]))
     tokens = len(clients) * settings.rounds * settings.datums * settings.datum_tokens
     out = {"train_tokens_per_repeat": tokens}
     for mode, seconds in walls.items():
@@ -167,7 +179,8 @@ def concurrency_phase(settings: Settings, clients: list, data: list[list]) -> di
 
 
 def switch_cost(calls: tuple[Callable[[], object], Callable[[], object]], reps: int) -> dict:
-    """Seconds of calls that follow a call on the other target vs on the same one (A A B B ...)."""
+    """Seconds of calls that follow a call on the other target vs on the same one (A A B B ...);
+    the cost is the median difference of each such pair."""
     for call in calls:
         call()
     switched, same = [], []
@@ -175,8 +188,9 @@ def switch_cost(calls: tuple[Callable[[], object], Callable[[], object]], reps: 
         for call in calls:
             switched.append(timed(call))
             same.append(timed(call))
-    return {"after_other_s": spread(switched), "after_same_s": spread(same),
-            "switch_cost_s": statistics.median(switched) - statistics.median(same)}
+    paired = [a - b for a, b in zip(switched, same)]  # neighbours in time: the machine's load cancels
+    return {"after_other_s": spread(switched), "after_same_s": spread(same), "difference_s": spread(paired),
+            "switch_cost_s": statistics.median(paired)}
 
 
 def switch_phase(settings: Settings, clients: list, data: list[list], tokenizer) -> dict:
