@@ -58,9 +58,10 @@ class Settings:
     clients: int = 4
     rounds: int = 2  # forward_backward + optim_step per client, per repeat
     repeats: int = 2  # of each of "one after another" and "at once", alternated
-    datums: int = 4  # per forward_backward of the concurrency and switch phases
+    datums: int = 16  # per forward_backward of the concurrency phase (the fleet computes 16-row micro-batches)
     datum_tokens: int = 32
-    switches: int = 4  # A A B B repetitions of the switch phase
+    switches: int = 6  # A A B B repetitions of the switch phase
+    switch_tokens: int = 8  # its forward_backward: one datum this long (short calls: less noise)
 
 
 def timed(call: Callable[[], object]) -> float:
@@ -124,16 +125,16 @@ def server_steps(settings: Settings, service, url: str, tokenizer) -> dict:
     return result
 
 
-def train_data(settings: Settings, client: int) -> list:
-    """``datums`` cross_entropy datums of ``datum_tokens`` tokens, different per client."""
+def train_data(client: int, datums: int, length: int) -> list:
+    """``datums`` cross_entropy datums of ``length`` tokens, different per client."""
     from tinker import types
 
     out = []
-    for d in range(settings.datums):
+    for d in range(datums):
         first = 1000 + 997 * client + 131 * d
-        tokens = [first + (37 * i) % 5000 for i in range(settings.datum_tokens + 1)]
+        tokens = [first + (37 * i) % 5000 for i in range(length + 1)]
         out.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * settings.datum_tokens}))
+                               loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length}))
     return out
 
 
@@ -193,10 +194,11 @@ def switch_cost(calls: tuple[Callable[[], object], Callable[[], object]], reps: 
             "switch_cost_s": statistics.median(paired)}
 
 
-def switch_phase(settings: Settings, clients: list, data: list[list], tokenizer) -> dict:
+def switch_phase(settings: Settings, clients: list, tokenizer) -> dict:
     from tinker import types
 
     a, b = clients[:2]
+    data = [train_data(i, 1, settings.switch_tokens) for i in range(2)]
     backward = switch_cost((lambda: a.forward_backward(data[0], "cross_entropy").result(),
                             lambda: b.forward_backward(data[1], "cross_entropy").result()), settings.switches)
     samplers = [c.save_weights_and_get_sampling_client().result() for c in (a, b)]
@@ -221,9 +223,9 @@ def server_phase(settings: Settings, model_dir: Path, hf_home: Path, tokenizer, 
         out: dict = {"startup_s": startup, "steps": measured(lambda: server_steps(settings, service, url, tokenizer))}
         clients = [service.create_lora_training_client(base_model=SERVED, rank=settings.step.lora_rank, seed=i).result()
                    for i in range(settings.clients)]
-        data = [train_data(settings, i) for i in range(settings.clients)]
+        data = [train_data(i, settings.datums, settings.datum_tokens) for i in range(settings.clients)]
         out["concurrency"] = measured(lambda: concurrency_phase(settings, clients, data))
-        out["switch"] = measured(lambda: switch_phase(settings, clients, data, tokenizer))
+        out["switch"] = measured(lambda: switch_phase(settings, clients, tokenizer))
         return out
     finally:
         server.stop()
