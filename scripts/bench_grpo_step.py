@@ -26,16 +26,23 @@ PHASES = ("generate", "reward", "old_logprobs", "update", "sync", "step")
 VARIANTS = {"as_configured": [], "reference_pass": ["algorithm.track_reference_kl=true"]}
 
 
-def measure(name: str, overrides: list[str]) -> dict:
-    run_dir = REPO / "outputs" / f"bench-grpo-step-{name}"
+def run_job(run_name: str, overrides: list[str]) -> list[dict]:
+    """The metrics rows of the main job run afresh in ``outputs/<run_name>`` (no checkpoints,
+    no W&B; evaluation only where ``overrides`` ask for it)."""
+    run_dir = REPO / "outputs" / run_name
     defaults = ["trainer.steps=4", "trainer.eval_every=1000", "trainer.checkpoint_every=1000",
                 f"trainer.run_dir={run_dir}", "trainer.resume=never", "trainer.if_run_dir_exists=overwrite",
                 "logger.wandb_mode=disabled"]
-    done = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), *defaults, *overrides, *VARIANTS[name]],
+    done = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), *defaults, *overrides],
                           cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"the {name} run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        raise SystemExit(f"the {run_name} run failed ({done.returncode}):\n"
+                         f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def measure(name: str, overrides: list[str]) -> dict:
+    rows = run_job(f"bench-grpo-step-{name}", [*overrides, *VARIANTS[name]])
     measured = [r for r in rows if r["step"] >= 2]  # step 1 pays warm-up
     return {"steps_measured": len(measured),
             "seconds": {p: statistics.mean(r[f"time/{p}"] for r in measured) for p in PHASES},

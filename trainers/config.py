@@ -122,6 +122,10 @@ class TrainerConfig:
     # step's prompts) skips the separate old-log-prob forward and takes the update's own
     # log-probs, detached (trainers.grpo); always: the separate forward every step.
     old_logprobs: str = "auto"
+    # Asynchronous off-policy training: > 0 generates step s+k's samples while step s updates,
+    # so samples are up to k policy versions old, corrected by truncated importance sampling
+    # (trainers.rollout_ahead); 0 is the synchronous on-policy loop.
+    max_staleness: int = 0
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -163,6 +167,7 @@ class TrainerConfig:
                      "keep_checkpoints", "train_world_size", "reward_workers", "max_skipped_steps"):
             check_int(f"trainer.{name}", getattr(self, name), ge=1)
         check_int("trainer.seed", self.seed, ge=0)
+        check_int("trainer.max_staleness", self.max_staleness, ge=0)
         check_range("trainer.lr", self.lr, gt=0)
         self.betas = tuple(self.betas)
         if len(self.betas) != 2:
@@ -276,6 +281,7 @@ def validate_run(cfg: RunConfig, base_dir: Path) -> RunConfig:
                           f"{cfg.algorithm.advantage_estimator!r}: a group-relative advantage of a "
                           "one-sample group is always 0, so the run would train on nothing")
     _check_family_against_trainer(cfg)
+    _check_asynchronous(cfg)
     hf_config = AutoConfig.from_pretrained(base_dir)
     try:
         validate_layout(cfg.parallel, cfg.trainer.train_world_size, get_arch(hf_config).model_dims(hf_config))
@@ -284,6 +290,22 @@ def validate_run(cfg: RunConfig, base_dir: Path) -> RunConfig:
             raise ConfigError("trainer.train_world_size", err.value, err.allowed) from None
         raise
     return cfg
+
+
+def _check_asynchronous(cfg: RunConfig) -> None:
+    """What generation ahead of the update (``trainer.max_staleness > 0``) needs."""
+    t = cfg.trainer
+    if not t.max_staleness:
+        return
+    if not cfg.algorithm.correction_enabled:
+        raise ConfigError("algorithm.correction_enabled", False, f"must be true with trainer.max_staleness="
+                          f"{t.max_staleness}: truncated importance sampling corrects for the samples' lag")
+    if t.launcher != "ray":
+        raise ConfigError("trainer.max_staleness", t.max_staleness, f"must be 0 with trainer.launcher={t.launcher!r}: "
+                          "each torchrun rank is both a training shard and an engine, so nothing overlaps")
+    if t.device == "cuda" and t.placement == "colocated":
+        raise ConfigError("trainer.max_staleness", t.max_staleness, "must be 0 with trainer.placement='colocated' "
+                          "on cuda: generation overlaps the update only on separate GPUs (placement=separate)")
 
 
 def _check_family_against_trainer(cfg: RunConfig) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ from rlcore.tasks import Problem
 from rollout.batching import PackedBatch, pack_groups
 from rollout.config import SamplingConfig
 from rollout.seeding import spread_seed
+from trainers.rollout_ahead import RolloutAhead, check_staleness
 
 PHASES = ("generate", "reward", "old_logprobs", "update", "sync")
 
@@ -107,6 +109,7 @@ class StepSettings:
     adapter: str = "default"  # the training fleet's adapter this step trains (many share a base)
     old_logprobs: str = "auto"  # trainer.old_logprobs: auto skips their forward when provably on-policy
     keep_reward_workers: bool = True  # False: fresh reward workers every step (the benchmark's "before")
+    max_staleness: int = 0  # trainer.max_staleness: > 0 generates that many steps ahead (trainers.rollout_ahead)
 
     @classmethod
     def from_run(cls, cfg, adapter: str = "default") -> StepSettings:
@@ -114,7 +117,8 @@ class StepSettings:
         t = cfg.trainer
         return cls(cfg.algorithm, cfg.rollout.sampling, t.samples_per_prompt, t.ppo_epochs, t.mini_batch_prompts,
                    t.lr, t.betas, t.weight_decay, t.grad_clip, t.seed, t.reward_timeout_s, t.reward_workers,
-                   t.max_skipped_steps, t.fault_steps, t.fault_kind, adapter, t.old_logprobs)
+                   t.max_skipped_steps, t.fault_steps, t.fault_kind, adapter, t.old_logprobs,
+                   max_staleness=t.max_staleness)
 
     def on_policy(self, prompts: int) -> bool:
         """Whether a step of ``prompts`` prompts takes its old log-probs from the update's forward:
@@ -147,8 +151,9 @@ class GRPOStep:
     """Runs steps against a rollout fleet, a training fleet and a weight sync."""
 
     def __init__(self, settings: StepSettings, rollout, training, sync, tokenizer,
-                 recover=lambda call: call(), log=print):
-        """``recover(call)`` runs a rollout-fleet call, restarting dead engines and retrying."""
+                 recover=lambda call: call(), log=print, problems_for: Callable[[int], list[Problem]] | None = None):
+        """``recover(call)`` runs a rollout-fleet call, restarting dead engines and retrying.
+        ``problems_for(step)``, a step's problems, lets ``max_staleness > 0`` generate ahead."""
         self.s = settings
         self.recover = recover
         self.rollout, self.training, self.sync, self.tokenizer = rollout, training, sync, tokenizer
@@ -161,18 +166,36 @@ class GRPOStep:
         self.skipped_total = 0  # optimizer steps skipped over the run (resumed with the run)
         self._skipped_in_a_row = 0
         self.log = log
+        self.ahead = None
+        if settings.max_staleness:
+            if problems_for is None:
+                raise ValueError("max_staleness > 0 generates ahead: GRPOStep needs problems_for")
+            draw = lambda step: self.rollout.generate(*self._requests(problems_for(step), step))  # noqa: E731
+            self.ahead = RolloutAhead(draw, lambda step: self.recover(lambda: draw(step)), settings.max_staleness)
 
-    def generate(self, problems: list[Problem], step: int, timer: PhaseTimer):
+    def _requests(self, problems: list[Problem], step: int):
+        """``rollout.generate``'s arguments for a step's problems: each prompt's seed is a
+        function of (seed, step, index), whenever and wherever it is drawn."""
         prompts = [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
         seeds = [spread_seed(self.s.seed, step, i) for i in range(len(problems))]
+        return prompts, self.s.samples_per_prompt, self.s.sampling, seeds
+
+    def generate(self, problems: list[Problem], step: int, timer: PhaseTimer, metrics: dict[str, float]):
+        """The step's samples: drawn now, or (``max_staleness > 0``) taken from generation ahead,
+        every sample's staleness checked against the bound."""
         with timer("generate"):
-            return self.recover(lambda: self.rollout.generate(
-                prompts, self.s.samples_per_prompt, self.s.sampling, seeds=seeds))
+            if self.ahead is None:
+                return self.recover(lambda: self.rollout.generate(*self._requests(problems, step)))
+            groups = self.ahead.take(step)
+        staleness = check_staleness(groups, self.rollout.version, self.s.max_staleness)
+        metrics.update({"async/staleness_mean": sum(staleness) / len(staleness),
+                        "async/staleness_max": float(max(staleness))})
+        return groups
 
     def run(self, problems: list[Problem], step: int, before_update=lambda: None) -> dict[str, float]:
         """One step; ``before_update()`` may raise to abandon it while its weights are untouched."""
-        timer, begin = PhaseTimer(), time.perf_counter()
-        groups = self.generate(problems, step, timer)
+        timer, begin, metrics = PhaseTimer(), time.perf_counter(), {}
+        groups = self.generate(problems, step, timer, metrics)
         packed = pack_groups(groups, pad_token_id=self.tokenizer.pad_token_id)
         texts = [c.text for g in groups for c in g.completions]
         answers = [p.answer for p, g in zip(problems, groups) for _ in g.completions]
@@ -191,17 +214,22 @@ class GRPOStep:
                 ref_logprobs = self.training.compute_logprobs(batch, self.temperature, adapter=None)
         with timer("reward"):
             reward_list, reward_metrics = rewards_future.result()
-        metrics = {f"reward/{k}": v for k, v in reward_metrics.items()}
+        metrics.update({f"reward/{k}": v for k, v in reward_metrics.items()})
         train_batch, more = self.prepare(packed, torch.tensor(reward_list), old_logprobs, ref_logprobs, entropy)
         metrics.update(more)
         before_update()
         with timer("update"):
             metrics.update(self.update(train_batch, packed.group_ids[train_batch.pop("row_index")], step))
+        if self.ahead is not None:
+            with timer("generate"):  # no engine changes weights under a request
+                self.ahead.drain()
         with timer("sync"):
             try:  # the sync checks the weights on every rank before any engine waits for them
                 report = self.recover(lambda: self.sync.push(self.training, adapter=self.s.adapter))
             except FloatingPointError as err:
                 raise NonFiniteTraining(step, f"{err} (after the update)") from None
+        if self.ahead is not None:
+            self.ahead.complete(step)
         metrics.update({"sync/bytes": report.bytes, "sync/seconds": report.seconds, "sync/version": report.version,
                         "sync/largest_buffer": report.largest_buffer})
         step_seconds = time.perf_counter() - begin
@@ -316,12 +344,20 @@ class GRPOStep:
             raise NonFiniteTraining(step, f"{self._skipped_in_a_row} optimizer steps in a row were skipped, "
                                           f"the last with a non-finite {what}")
 
-    def state_dict(self) -> dict[str, int]:
-        return {"skipped_total": self.skipped_total, "skipped_in_a_row": self._skipped_in_a_row}
+    def state_dict(self) -> dict:
+        """Counters, and with generation ahead the samples of the next steps (at a step boundary)."""
+        state = {"skipped_total": self.skipped_total, "skipped_in_a_row": self._skipped_in_a_row}
+        if self.ahead is not None:
+            state["ahead"] = self.ahead.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.skipped_total, self._skipped_in_a_row = state["skipped_total"], state["skipped_in_a_row"]
+        if self.ahead is not None and "ahead" in state:
+            self.ahead.load_state_dict(state["ahead"])
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
         self._reward_pool.shutdown(wait=True, cancel_futures=True)  # the scoring thread is done with the workers
         self._reward_workers.close()

@@ -110,7 +110,8 @@ class Run:
         self.prompts = PromptSource(cfg, log)
         self.reward_fn = get_reward(cfg.algorithm.reward)
         self.step_runner = GRPOStep(StepSettings.from_run(cfg), self.rollout, self.training, self.sync,
-                                    self.tokenizer, recover=self.fleets.recover, log=log)
+                                    self.tokenizer, recover=self.fleets.recover, log=log,
+                                    problems_for=self.prompts.for_step)
         self.start_step, self.resumed_from = self._restore()
         self.tracker = MetricsTracker(self.run_dir, cfg.logger, cfg.to_dict(),
                                       resume_step=self.resumed_from.step if self.resumed_from else None,

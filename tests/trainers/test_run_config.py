@@ -85,6 +85,12 @@ def test_presets_only_override():
     ("algorithm=gfpo trainer.samples_per_prompt=4", "trainer.samples_per_prompt"),
     ("algorithm=gvpo trainer.micro_batch_size=12", "trainer.micro_batch_size"),
     ("algorithm=gvpo algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling"),
+    # generation ahead of the update: its lag needs the correction, and fleets of their own
+    ("trainer.max_staleness=-1", "trainer.max_staleness"),
+    ("trainer.max_staleness=1 algorithm.correction_enabled=false", "algorithm.correction_enabled"),
+    ("trainer.max_staleness=1 trainer.launcher=torchrun trainer.train_world_size=1 rollout.engines=1 parallel.ep=1",
+     "trainer.max_staleness"),
+    ("trainer.max_staleness=1 trainer.device=cuda", "trainer.max_staleness"),
 ])
 def test_invalid_values_name_their_field(base, override, field):
     with pytest.raises(ConfigError) as err:
