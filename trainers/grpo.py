@@ -1,4 +1,4 @@
-"""One synchronous, on-policy GRPO step, as data (DESIGN.md, "One RL step"):
+"""One GRPO step, as data (DESIGN.md, "One RL step"):
 
 prompts -> n completions each (vLLM fleet) -> rewards (off the critical path, failures
 isolated) -> group advantages -> old log-probs [+ reference log-probs] (Megatron fleet) ->
@@ -10,6 +10,10 @@ between the old policy and the loss) skips the separate old-log-prob forward
 (``trainer.old_logprobs=auto``): the update's own forward gives them, detached
 (``rlcore.objective.old_and_weights``), and the step's correction and entropy metrics come from
 the log-probs that forward returns.
+
+With ``max_staleness=k > 0`` the samples were generated ahead, during an earlier step's update
+(``trainers.rollout_ahead``), up to k policy versions before the policy this step updates;
+the sync waits for the generation in flight, and the correction weights cover the lag.
 
 Prompts of step s and the sampling seed of each prompt are functions of (seed, s, index), so a
 run resumed at step s draws exactly the samples an uninterrupted run draws.
@@ -23,8 +27,8 @@ the rollout engines never receive a broken policy.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
