@@ -179,12 +179,16 @@ def test_a_sweep_whose_jobs_cannot_share_a_base_is_refused_before_anything_start
     assert not (tmp_path / "sweep" / "sweep.db").exists()
 
 
-def test_a_sweep_is_refused_under_torchrun_before_anything_starts(tmp_path):
+@pytest.mark.parametrize("override, field, why", [
+    ("trainer.launcher=torchrun", "trainer.launcher", "must be ray in a sweep"),
+    ("trainer.max_staleness=1", "trainer.max_staleness", "must be 0 in a sweep"),
+])
+def test_a_sweep_is_refused_under_torchrun_or_asynchronous_before_anything_starts(tmp_path, override, field, why):
     from trainers.experiments.driver import Job, run_sweep
 
     tree = compose_tree([f"sweep.dir={tmp_path / 'sweep'}", f"model.cache_dir={tmp_path / 'cache'}",
-                         "model.sft_steps=0", "trainer.launcher=torchrun"])
+                         "model.sft_steps=0", override])
     with pytest.raises(ConfigError) as err:
         run_sweep([Job(0, (), tree)], compose_tree)
-    assert err.value.field == "trainer.launcher" and "must be ray in a sweep" in str(err.value)
+    assert err.value.field == field and why in str(err.value)
     assert not (tmp_path / "sweep").exists()
