@@ -46,7 +46,8 @@ def summarize(rows: list[dict], samples_per_step: int) -> dict:
                          "sampled": r["eval/acc_sampled"]} for r in evals]}
 
 
-def plot(result: dict, path: Path) -> str | None:
+def plot(runs: list[dict], path: Path, label) -> str | None:
+    """Reward and held-out accuracy against samples seen, one line per run (``label(run)``)."""
     try:
         import matplotlib
 
@@ -55,12 +56,12 @@ def plot(result: dict, path: Path) -> str | None:
     except ImportError:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for run in result["runs"]:
-        label = f"max_staleness={run['max_staleness']} (repeat {run['repeat']})"
-        left.plot(run["curve"]["samples"], run["curve"]["reward_mean"], label=label)
+    for run in runs:
+        name = label(run)
+        left.plot(run["curve"]["samples"], run["curve"]["reward_mean"], label=name)
         samples = [e["samples"] for e in run["heldout"]]
-        right.plot(samples, [e["greedy"] for e in run["heldout"]], marker="o", label=f"greedy, {label}")
-        right.plot(samples, [e["sampled"] for e in run["heldout"]], marker="x", ls="--", label=f"sampled, {label}")
+        right.plot(samples, [e["greedy"] for e in run["heldout"]], marker="o", label=f"greedy, {name}")
+        right.plot(samples, [e["sampled"] for e in run["heldout"]], marker="x", ls="--", label=f"sampled, {name}")
     left.set(xlabel="samples seen", ylabel="reward/mean", title="training reward")
     right.set(xlabel="samples seen", ylabel="held-out accuracy", title="held-out accuracy")
     left.legend(fontsize=7)
@@ -100,7 +101,8 @@ def main() -> None:
               "step_time_ratio": ratios, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["plot"] = plot(result, out.with_suffix(".png"))
+    result["plot"] = plot(runs, out.with_suffix(".png"),
+                          lambda run: f"max_staleness={run['max_staleness']} (repeat {run['repeat']})")
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({"step_time_ratio": ratios, "plot": result["plot"]}))
 
