@@ -1,7 +1,12 @@
 """Claim: truncated importance sampling keeps RL stable when the rollout engine and the trainer
-disagree. Measured: the main job with vLLM sampling in bfloat16 while Megatron trains in
-float32 (a real backend mismatch), truncated IS on (the default: token level, cap 2) and off,
-on several seeds, the same SFT base (``model.sft_seed=0``) and budget for every run.
+disagree. Measured: the main job with truncated IS on (the default: token level, cap 2) and
+off, under two mismatches, on several seeds, the same SFT base (``model.sft_seed=0``) and
+budget for every run:
+
+- ``bf16``: vLLM samples in bfloat16 while Megatron trains in float32 (a real backend mismatch);
+- ``top_p``: an induced, stronger one: vLLM samples from the nucleus (``top_p=0.7``) and
+  reports that truncated distribution's log-probs, while the trainer's policy is the full
+  softmax (verl's and TRL's users meet it whenever they sample with top-p).
 
 Writes JSON (per run: the mismatch KL, reward curve, held-out accuracy before and after; per
 setting: the mean and range over seeds of the headroom-normalised gains) and a PNG.
@@ -23,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench_async import plot, summarize  # noqa: E402
 from scripts.bench_grpo_step import run_job  # noqa: E402
 
-SETTINGS = {
-    "bf16, truncated IS": ["rollout.engine.dtype=bfloat16", "algorithm.correction_enabled=true"],
-    "bf16, no correction": ["rollout.engine.dtype=bfloat16", "algorithm.correction_enabled=false"],
-}
+MISMATCHES = {"bf16": ["rollout.engine.dtype=bfloat16"], "top_p": ["rollout.sampling.top_p=0.7"]}
+CORRECTION = {"truncated IS": ["algorithm.correction_enabled=true"], "no correction": ["algorithm.correction_enabled=false"]}
+SETTINGS = {f"{m}, {c}": [*MISMATCHES[m], *CORRECTION[c]] for m in MISMATCHES for c in CORRECTION}
 
 
 def gain(before: float, after: float) -> float:
@@ -49,16 +53,18 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/tis_mismatch.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--mismatch", nargs="+", choices=list(MISMATCHES), default=list(MISMATCHES))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. model.cache_dir=...")
     args = parser.parse_args()
     from trainers.config import compose_tree, load_run_config
 
     trainer = load_run_config(compose_tree(args.overrides)).trainer
     samples_per_step = trainer.prompts_per_step * trainer.samples_per_prompt
+    settings_run = {name: s for name, s in SETTINGS.items() if name.split(",")[0] in args.mismatch}
     runs = []
     for seed in args.seeds:
-        for name, settings in SETTINGS.items():
-            rows = run_job(f"exp-tis-{len(runs)}", [f"trainer.steps={args.steps}", f"trainer.eval_every={args.steps}",
+        for name, settings in settings_run.items():
+            rows = run_job(f"exp-tis-{name.split(',')[0]}-{len(runs)}", [f"trainer.steps={args.steps}", f"trainer.eval_every={args.steps}",
                                                     "model.sft_seed=0", f"trainer.seed={seed}", *args.overrides,
                                                     *settings])
             run = {"setting": name, "seed": seed, **summarize(rows, samples_per_step)}
@@ -66,9 +72,9 @@ def main() -> None:
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "curve"}), flush=True)
     by_setting = {name: {key: spread([r[key] for r in runs if r["setting"] == name])
-                         for key in ("gain_greedy", "gain_sampled", "mismatch_kl_mean")} for name in SETTINGS}
+                         for key in ("gain_greedy", "gain_sampled", "mismatch_kl_mean")} for name in settings_run}
     result = {"claim": __doc__.split("\n\n")[0], "steps": args.steps, "samples_per_step": samples_per_step,
-              "seeds": args.seeds, "overrides": args.overrides, "settings": SETTINGS, "by_setting": by_setting,
+              "seeds": args.seeds, "overrides": args.overrides, "settings": settings_run, "by_setting": by_setting,
               "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
