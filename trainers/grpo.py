@@ -50,6 +50,7 @@ from rollout.seeding import spread_seed
 from trainers.rollout_ahead import RolloutAhead, check_staleness
 
 PHASES = ("generate", "reward", "old_logprobs", "update", "sync")
+MISMATCH_METRICS = ("mismatch_kl", "mismatch_k3", "ppl_ratio")  # reported with the correction off too
 
 
 @dataclass
@@ -282,10 +283,12 @@ class GRPOStep:
         engine, entropy (without the full distribution: mean -log p of the sampled tokens, an
         unbiased estimate of it for on-policy samples), KL to the reference."""
         cfg, metrics = self.s.algorithm, {}
-        weights = torch.ones_like(mask)
+        weights, correction = correction_weights(cfg, old_logprobs, rollout_logprobs, mask)
         if cfg.correction_enabled:
-            weights, correction = correction_weights(cfg, old_logprobs, rollout_logprobs, mask)
             metrics.update({f"correction/{k}": v for k, v in correction.items()})
+        else:  # the mismatch is measured every step; weights that are not applied are not reported
+            weights = torch.ones_like(mask)
+            metrics.update({f"correction/{k}": correction[k] for k in MISMATCH_METRICS})
         if entropy is None:
             metrics["policy/entropy_estimate"] = masked_mean(-old_logprobs, mask).item()
         else:

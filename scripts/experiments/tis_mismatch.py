@@ -44,8 +44,10 @@ def outcome(run: dict) -> dict:
             "mismatch_kl_mean": statistics.mean(kl) if kl else None}
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+def spread(values: list[float | None]) -> dict[str, float] | None:
+    """Mean and range over seeds (None where a run did not measure it)."""
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)} if values else None
 
 
 def main() -> None:

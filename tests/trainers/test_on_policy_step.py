@@ -84,9 +84,9 @@ class FakeTokenizer:
         return {"input_ids": [1 + int(c) % (VOCAB - 1) for c in text]}
 
 
-def run_step(old_logprobs: str, ppo_epochs: int = 1, mini_batch_prompts: int = PROMPTS):
+def run_step(old_logprobs: str, ppo_epochs: int = 1, mini_batch_prompts: int = PROMPTS, correction: bool = True):
     policy = FakePolicy()
-    settings = StepSettings(AlgorithmConfig(correction_cap=1.2), SamplingConfig(), GROUP, ppo_epochs,
+    settings = StepSettings(AlgorithmConfig(correction_cap=1.2, correction_enabled=correction), SamplingConfig(), GROUP, ppo_epochs,
                             mini_batch_prompts, lr=0.5, betas=(0.9, 0.999), weight_decay=0.0, grad_clip=1.0, seed=0,
                             reward_timeout_s=10.0, reward_workers=1, old_logprobs=old_logprobs)
     sync = SimpleNamespace(push=lambda training, adapter: SimpleNamespace(bytes=0, seconds=0.0, version=1,
@@ -110,6 +110,16 @@ def test_on_policy_step_skips_the_old_forward_and_trains_the_same():
         assert skipped_metrics[key] == pytest.approx(separate_metrics[key], rel=1e-9, abs=1e-12), key
     assert 0 < separate_metrics["correction/truncated_frac"] < 1
     assert "policy/entropy_estimate" in skipped_metrics and "policy/entropy" in separate_metrics
+
+
+@pytest.mark.parametrize("old_logprobs", ["auto", "always"])
+def test_the_mismatch_is_measured_with_the_correction_off(old_logprobs):
+    _, on = run_step(old_logprobs)
+    _, off = run_step(old_logprobs, correction=False)
+    for key in ("correction/mismatch_kl", "correction/mismatch_k3", "correction/ppl_ratio"):
+        assert off[key] == pytest.approx(on[key], rel=1e-9, abs=1e-12), key
+    assert on["correction/mismatch_kl"] != 0
+    assert not any(k.startswith(("correction/is_weight", "correction/ess", "correction/truncated")) for k in off)
 
 
 @pytest.mark.parametrize("ppo_epochs, mini_batch_prompts", [(2, PROMPTS), (1, 1)])
