@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -104,6 +105,7 @@ class TrainingEngine:
         # train_base every weight of the model under DEFAULT_ADAPTER (full fine-tuning).
         self.optimizers: dict[str, ShardedAdamW] = {}
         self._loss_finite: dict[str, bool] = {}  # every loss since the adapter's last step was finite
+        self.train_base = train_base
         if train_base:
             if lora is not None:
                 raise ValueError("train_base trains every weight: give no lora")
@@ -338,19 +340,31 @@ class TrainingEngine:
         """The AdamW over this rank's trainable shards of the default adapter."""
         return self.optimizer.optimizer
 
-    def save_adapter_state(self, out_dir, adapter: str = DEFAULT_ADAPTER) -> dict[str, dict]:
-        """Adapter slices + optimizer state, one fsynced file per rank (``parallel.adapter_io``);
-        returns this rank's manifest entry. Collective."""
-        from parallel.adapter_io import save_adapter_state
+    def _layout(self) -> dict:
+        """What a full-parameter checkpoint must be restored on (``parallel.full_state``)."""
+        return {"world_size": dist.get_world_size(), **dataclasses.asdict(self.parallel)}
 
+    def save_adapter_state(self, out_dir, adapter: str = DEFAULT_ADAPTER) -> dict[str, dict]:
+        """Adapter slices + optimizer state, one fsynced file per rank (``parallel.adapter_io``;
+        with ``train_base`` every trained shard, ``parallel.full_state``); returns this rank's
+        manifest entry. Collective."""
+        from parallel.adapter_io import save_adapter_state
+        from parallel.full_state import save_full_state
+
+        if self.train_base:
+            return save_full_state(self.optimizers[adapter], out_dir, self._layout())
         return save_adapter_state(self.model, self.optimizers[adapter].optimizer, out_dir, adapter)
 
     def load_adapter_state(self, in_dir, adapter: str = DEFAULT_ADAPTER, with_optimizer: bool = True) -> None:
-        """Restores ``save_adapter_state`` files, on any layout (``parallel.adapter_io``). Without
-        the optimizer, the adapter's AdamW starts afresh."""
+        """Restores ``save_adapter_state`` files, on any layout (``parallel.adapter_io``; with
+        ``train_base`` on the saving layout only). Without the optimizer, AdamW starts afresh."""
         from parallel.adapter_io import load_adapter_state
+        from parallel.full_state import load_full_state
 
         optimizer = self.optimizers[adapter]
+        if self.train_base:
+            load_full_state(optimizer, in_dir, self._layout(), with_optimizer)
+            return
         if not with_optimizer:
             optimizer.reset()
         load_adapter_state(self.model, optimizer.optimizer if with_optimizer else None, in_dir, adapter)

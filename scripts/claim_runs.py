@@ -4,12 +4,13 @@ held-out gains, and summarise each setting by the mean and range over seeds."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 
 from scripts.bench_async import summarize
-from scripts.bench_grpo_step import run_job
+from scripts.bench_grpo_step import REPO, run_job
 
 
 def gain(before: float, after: float) -> float:
@@ -47,8 +48,10 @@ def run_settings(prefix: str, settings: dict[str, list[str]], seeds: list[int], 
         for name, setting in settings.items():
             job = [f"trainer.steps={steps}", f"trainer.eval_every={steps}", "model.sft_seed=0",
                    f"trainer.seed={seed}", *overrides, *setting]
-            rows = run_job(f"{prefix}-{len(runs)}", job)
-            run = {"setting": name, "seed": seed, **summarize(rows, samples_per_step(job))}
+            run_name = f"{prefix}-{len(runs)}"
+            rows = run_job(run_name, job)
+            run = {"setting": name, "seed": seed, "run_dir": str(REPO / "outputs" / run_name),
+                   **summarize(rows, samples_per_step(job))}
             run.update(outcome(run))
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "curve"}), flush=True)
@@ -58,6 +61,24 @@ def run_settings(prefix: str, settings: dict[str, list[str]], seeds: list[int], 
 def by_setting(runs: list[dict], keys=("gain_greedy", "gain_sampled", "mismatch_kl_mean")) -> dict:
     names = dict.fromkeys(r["setting"] for r in runs)
     return {name: {key: spread([r[key] for r in runs if r["setting"] == name]) for key in keys} for name in names}
+
+
+def claim_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options every claim script takes; the script adds its own, then ``parse_args``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. model.cache_dir=...")
+    return parser
+
+
+def claim_result(doc: str, args: argparse.Namespace, settings: dict, summary: dict, runs: list[dict], **extra) -> dict:
+    """The JSON every claim script writes: the claim, the budget, the settings, the summary by
+    setting, ``extra`` and every run."""
+    return {"claim": doc.split("\n\n")[0], "steps": args.steps, "samples_per_step": samples_per_step(args.overrides),
+            "seeds": args.seeds, "overrides": args.overrides, "settings": settings, "by_setting": summary, **extra,
+            "runs": runs}
 
 
 def write(result: dict, out: str | Path, plot) -> None:

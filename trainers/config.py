@@ -126,6 +126,9 @@ class TrainerConfig:
     # so samples are up to k policy versions old, corrected by truncated importance sampling
     # (trainers.rollout_ahead); 0 is the synchronous on-policy loop.
     max_staleness: int = 0
+    # Full-parameter RL: every weight of the base trains (the lora group is unused), the
+    # comparison LoRA RL is measured against (scripts/experiments/lora_vs_full.py).
+    full_parameter: bool = False
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -282,6 +285,7 @@ def validate_run(cfg: RunConfig, base_dir: Path) -> RunConfig:
                           "one-sample group is always 0, so the run would train on nothing")
     _check_family_against_trainer(cfg)
     _check_asynchronous(cfg)
+    _check_full_parameter(cfg)
     hf_config = AutoConfig.from_pretrained(base_dir)
     try:
         validate_layout(cfg.parallel, cfg.trainer.train_world_size, get_arch(hf_config).model_dims(hf_config))
@@ -306,6 +310,19 @@ def _check_asynchronous(cfg: RunConfig) -> None:
     if t.device == "cuda" and t.placement == "colocated":
         raise ConfigError("trainer.max_staleness", t.max_staleness, "must be 0 with trainer.placement='colocated' "
                           "on cuda: generation overlaps the update only on separate GPUs (placement=separate)")
+
+
+def _check_full_parameter(cfg: RunConfig) -> None:
+    """What training every weight (``trainer.full_parameter``) rules out."""
+    if not cfg.trainer.full_parameter:
+        return
+    if cfg.algorithm.tracks_reference_kl:
+        raise ConfigError("algorithm.kl_coef", cfg.algorithm.kl_coef, "must be 0 (and algorithm.track_reference_kl "
+                          "not true) with trainer.full_parameter=true: the reference policy is the base with "
+                          "the adapter off, and a full-parameter run keeps no frozen copy of the base")
+    if cfg.rollout.engine.weight_sync != "merged":
+        raise ConfigError("rollout.engine.weight_sync", cfg.rollout.engine.weight_sync,
+                          "must be 'merged' with trainer.full_parameter=true: there is no adapter to send")
 
 
 def _check_family_against_trainer(cfg: RunConfig) -> None:

@@ -44,14 +44,17 @@ class Fleets:
     """The training fleet, the rollout fleet and the weight sync between them (module doc)."""
 
     def __init__(self, host: FleetHost, cfg: RunConfig, base_dir: Path, tokenizer, log, lora: LoraConfig | None):
-        """``lora``: the adapter the training fleet starts with (``DEFAULT_ADAPTER``), or None.
+        """``lora``: the adapter the training fleet starts with (``DEFAULT_ADAPTER``), or None;
+        with ``trainer.full_parameter`` every weight trains instead, under ``DEFAULT_ADAPTER``.
         The fleets own ``host`` from here on (``shutdown`` closes it)."""
         self.host, self.log = host, log
         t = cfg.trainer
         log(host.describe())
         model_dir = finetune_base(cfg, base_dir, tokenizer, host.training, log) if cfg.model.sft_steps else base_dir
-        self.training = host.training(TrainingFleetSpec(str(model_dir), cfg.parallel, lora, t.train_world_size,
-                                                        t.micro_batch_size, t.seed, backend=cfg.backend))
+        self.model_dir = Path(model_dir)  # the base the fleets start from (after the demo's SFT)
+        self.training = host.training(TrainingFleetSpec(
+            str(model_dir), cfg.parallel, None if t.full_parameter else lora, t.train_world_size,
+            t.micro_batch_size, t.seed, train_base=t.full_parameter, backend=cfg.backend))
         log(f"training fleet: {t.train_world_size} Megatron ranks, process ids by rank {self.training.pids}")
         self.rollout = host.rollout(replace(cfg.rollout, engine=replace(cfg.rollout.engine, model=str(model_dir))))
         self.sync = host.sync(self.rollout)

@@ -37,6 +37,7 @@ from trainers.preemption import EXIT_PREEMPTED, Preemption, StopRequested
 from trainers.prompts import PromptSource
 from trainers.run_dir import OpenedRunDir, open_run_dir
 from trainers.run_logs import implementations_line, start_run_logs
+from trainers.sft import write_hf_checkpoint
 from trainers.tracking import MetricsTracker
 from trainers.training_fleet import TrainingRankDied
 
@@ -196,20 +197,27 @@ class Run:
         os._exit(EXIT_PREEMPTED)
 
     def _finish(self) -> dict:
-        adapter_dir = self.run_dir / "adapter"
-        self.training.export_peft_adapter(str(adapter_dir))
+        """Exports what trained (the adapter as PEFT; with ``trainer.full_parameter`` the model
+        as an HF checkpoint), then summarises."""
+        if self.cfg.trainer.full_parameter:
+            trained = ("model", self.run_dir / "model")
+            write_hf_checkpoint(self.training.export_hf_state_dict(), self.fleets.model_dir, trained[1])
+        else:
+            trained = ("adapter", self.run_dir / "adapter")
+            self.training.export_peft_adapter(str(trained[1]))
         self.tracker.finish()
-        summary = summarize(self.tracker.rows(), self.run_dir, adapter_dir, self.tracker)
+        summary = summarize(self.tracker.rows(), self.run_dir, trained, self.tracker)
         write_json_atomic(self.run_dir / "summary.json", summary)
         self._shutdown()
         return summary
 
 
-def summarize(rows: list[dict], run_dir: Path, adapter_dir: Path, tracker: MetricsTracker) -> dict:
+def summarize(rows: list[dict], run_dir: Path, trained: tuple[str, Path], tracker: MetricsTracker) -> dict:
+    """``trained``: what the run exported, ("adapter" or "model", its directory)."""
     evals = [r for r in rows if "eval/acc_greedy" in r]
     before, after = evals[0], evals[-1]
     summary = {"run_dir": str(run_dir), "metrics": str(tracker.jsonl_path), "plot": str(tracker.plot_path),
-               "adapter": str(adapter_dir), "steps": rows[-1]["step"]}
+               trained[0]: str(trained[1]), "steps": rows[-1]["step"]}
     for kind in ("greedy", "sampled"):
         b, a = before[f"eval/acc_{kind}"], after[f"eval/acc_{kind}"]
         summary[f"acc_{kind}_before"], summary[f"acc_{kind}_after"] = b, a
@@ -224,7 +232,7 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     for kind in ("greedy", "sampled"):
         print(f"held-out accuracy ({kind}): {summary[f'acc_{kind}_before']:.3f} -> {summary[f'acc_{kind}_after']:.3f}"
               f"  (headroom-normalised gain {summary[f'gain_{kind}']:.3f})", file=out)
-    for key in ("metrics", "plot", "adapter", "wandb"):
+    for key in ("metrics", "plot", "adapter", "model", "wandb"):
         if key in summary:
             print(f"{key:>8}: {summary[key]}", file=out)
     print(json.dumps(summary), file=out)

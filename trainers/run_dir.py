@@ -53,6 +53,9 @@ RESUMABLE_CHANGES = (
     "rollout.engine.gpu_memory_utilization", "rollout.engine.max_num_seqs", "rollout.engine.enforce_eager",
     "rollout.engine.tensor_parallel_size",
 )
+# A full-parameter run's checkpoint holds the fleet's own shards of every weight
+# (parallel.full_state), so unlike an adapter's it is restored on the same layout only.
+LAYOUT_CHANGES = ("trainer.train_world_size", "parallel.")
 
 
 class RunDirLocked(RuntimeError):
@@ -148,11 +151,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resume_compatible(saved: dict[str, Any], new: dict[str, Any]) -> None:
     """Raises ``ConfigError`` naming the first field whose change a resumed run cannot make."""
     before, after = flatten(saved), flatten(new)
+    full = bool(before.get("trainer.full_parameter"))
+    resumable = tuple(c for c in RESUMABLE_CHANGES if not (full and c in LAYOUT_CHANGES))
     for name in sorted(before.keys() | after.keys()):
-        if before.get(name) != after.get(name) and not name.startswith(RESUMABLE_CHANGES):
+        if before.get(name) != after.get(name) and not name.startswith(resumable):
+            laid_out = "placed (a full-parameter run keeps its layout)" if full else "placed and laid out"
             raise ConfigError(name, after.get(name),
                               f"the run being resumed has {before.get(name)!r}; a resumed run may only "
-                              "change how long it runs and how it is logged, placed and laid out. Start "
+                              f"change how long it runs and how it is logged, {laid_out}. Start "
                               "a new run: another trainer.run_dir, or trainer.resume=never with "
                               "trainer.if_run_dir_exists=new")
 

@@ -113,12 +113,13 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callabl
             bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}", refresh=False)
     state = fleet.export_hf_state_dict()
     fleet.shutdown()
-    _write_checkpoint(state, base_dir, out)
+    write_hf_checkpoint(state, base_dir, out)
     log(f"SFT base model: written to {out}")
     return out
 
 
-def _write_checkpoint(state: dict[str, torch.Tensor], base_dir: Path, out: Path) -> None:
+def write_hf_checkpoint(state: dict[str, torch.Tensor], base_dir: Path, out: Path) -> None:
+    """``state`` as an HF checkpoint at ``out``, with ``base_dir``'s config and tokenizer (atomic rename)."""
     from safetensors.torch import save_file
 
     tmp = out.with_name(out.name + ".tmp")

@@ -14,14 +14,13 @@ training reward averaged over seeds, and its gains with their range.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.claim_runs import by_setting, run_settings, samples_per_step, write  # noqa: E402
+from scripts.claim_runs import by_setting, claim_parser, claim_result, run_settings, write  # noqa: E402
 
 PRESETS = ("grpo", "drgrpo", "dapo", "gspo", "cispo", "gfpo", "gvpo", "riskpo")
 SETTINGS = {**{name: [f"algorithm={name}"] for name in PRESETS}, "rloo": ["algorithm.advantage_estimator=rloo"]}
@@ -61,12 +60,8 @@ def plot(runs: list[dict], summary: dict, path: Path) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/results/grpo_family.json")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=20)
+    parser = claim_parser(__doc__, "docs/results/grpo_family.json")
     parser.add_argument("--algorithms", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. model.cache_dir=...")
     args = parser.parse_args()
     settings = {name: SETTINGS[name] for name in args.algorithms}
     runs = run_settings("exp-family", settings, args.seeds, args.steps, args.overrides)
@@ -75,9 +70,7 @@ def main() -> None:
         own = [r for r in runs if r["setting"] == name]
         stats["final_reward_mean"] = statistics.mean(statistics.mean(r["curve"]["reward_mean"][-5:]) for r in own)
         stats["step_seconds_median"] = statistics.median(r["step_seconds"]["median"] for r in own)
-    result = {"claim": __doc__.split("\n\n")[0], "steps": args.steps, "samples_per_step": samples_per_step(args.overrides),
-              "seeds": args.seeds, "overrides": args.overrides, "settings": settings, "by_setting": summary,
-              "runs": runs}
+    result = claim_result(__doc__, args, settings, summary, runs)
     write(result, args.out, lambda path: plot(runs, summary, path))
 
 

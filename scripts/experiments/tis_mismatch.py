@@ -17,14 +17,13 @@ setting: the mean and range over seeds of the headroom-normalised gains) and a P
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from scripts.bench_async import plot  # noqa: E402
-from scripts.claim_runs import by_setting, run_settings, samples_per_step, write  # noqa: E402
+from scripts.claim_runs import by_setting, claim_parser, claim_result, run_settings, write  # noqa: E402
 
 MISMATCHES = {"bf16": ["rollout.engine.dtype=bfloat16"], "top_p": ["rollout.sampling.top_p=0.7"]}
 CORRECTION = {"truncated IS": ["algorithm.correction_enabled=true"], "no correction": ["algorithm.correction_enabled=false"]}
@@ -32,18 +31,12 @@ SETTINGS = {f"{m}, {c}": [*MISMATCHES[m], *CORRECTION[c]] for m in MISMATCHES fo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="docs/results/tis_mismatch.json")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=20)
+    parser = claim_parser(__doc__, "docs/results/tis_mismatch.json")
     parser.add_argument("--mismatch", nargs="+", choices=list(MISMATCHES), default=list(MISMATCHES))
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. model.cache_dir=...")
     args = parser.parse_args()
     settings = {name: s for name, s in SETTINGS.items() if name.split(",")[0] in args.mismatch}
     runs = run_settings("exp-tis", settings, args.seeds, args.steps, args.overrides)
-    result = {"claim": __doc__.split("\n\n")[0], "steps": args.steps, "samples_per_step": samples_per_step(args.overrides),
-              "seeds": args.seeds, "overrides": args.overrides, "settings": settings, "by_setting": by_setting(runs),
-              "runs": runs}
+    result = claim_result(__doc__, args, settings, by_setting(runs), runs)
     write(result, args.out, lambda path: plot(runs, path, lambda run: f"{run['setting']}, seed {run['seed']}"))
 
 

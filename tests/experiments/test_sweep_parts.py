@@ -182,8 +182,9 @@ def test_a_sweep_whose_jobs_cannot_share_a_base_is_refused_before_anything_start
 @pytest.mark.parametrize("override, field, why", [
     ("trainer.launcher=torchrun", "trainer.launcher", "must be ray in a sweep"),
     ("trainer.max_staleness=1", "trainer.max_staleness", "must be 0 in a sweep"),
+    ("trainer.full_parameter=true", "trainer.full_parameter", "must be false in a sweep"),
 ])
-def test_a_sweep_is_refused_under_torchrun_or_asynchronous_before_anything_starts(tmp_path, override, field, why):
+def test_a_sweep_is_refused_under_torchrun_asynchronous_or_full_parameter_before_anything_starts(tmp_path, override, field, why):
     from trainers.experiments.driver import Job, run_sweep
 
     tree = compose_tree([f"sweep.dir={tmp_path / 'sweep'}", f"model.cache_dir={tmp_path / 'cache'}",

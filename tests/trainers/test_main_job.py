@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -262,3 +263,32 @@ def test_a_dead_training_rank_stops_the_run_with_how_to_resume(tmp_path, model_c
     assert rc == 1, text[-6000:]
     assert "training rank 1" in text and "The run stopped. Newest complete checkpoint: step" in text
     assert f"trainer.resume=auto trainer.run_dir={run_dir}" in text
+
+
+def test_full_parameter_rl_trains_every_weight_exports_the_model_and_resumes(tmp_path, model_cache):
+    """``trainer.full_parameter``: the base itself trains, the engines get it through the
+    merged sync (their log-probs match the trainer's), the run exports an HF checkpoint, and
+    a continued run restores every weight's shard with its optimizer state."""
+    from safetensors.torch import load_file
+
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    full = ["trainer.full_parameter=true", "trainer.eval_every=1000"]
+    finish(start([*overrides(run_dir, model_cache, steps=2), *full], log), log)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "adapter" not in summary and not (run_dir / "adapter").exists()
+    trained = load_file(Path(summary["model"]) / "model.safetensors")
+    base_dir = re.search(r"SFT base model: (?:cached at|written to) (\S+)", log.read_text()).group(1)
+    base = load_file(Path(base_dir) / "model.safetensors")
+    assert trained.keys() == base.keys()
+    changed = [k for k in base if not torch.equal(trained[k], base[k])]
+    assert any("experts" in k for k in changed) and any("self_attn" in k for k in changed)
+    assert any(k.endswith("embed_tokens.weight") for k in changed)  # beyond LoRA's targets
+    for row in rows(run_dir)[1:]:
+        assert abs(row["correction/mismatch_kl"]) < 1e-4 and row["sync/version"] == row["step"]
+    shards = sorted(p.name for p in (run_dir / "checkpoints" / "step_000002" / "train").iterdir())
+    assert shards == ["full-state-rank00000.pt", "full-state-rank00001.pt"]
+
+    log2 = tmp_path / "log-continued.txt"
+    finish(start([*overrides(run_dir, model_cache, steps=3), *full], log2), log2)
+    assert "resumed from" in log2.read_text()
+    assert [r["step"] for r in rows(run_dir)] == [0, 1, 2, 3]

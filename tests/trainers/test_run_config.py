@@ -91,6 +91,9 @@ def test_presets_only_override():
     ("trainer.max_staleness=1 trainer.launcher=torchrun trainer.train_world_size=1 rollout.engines=1 parallel.ep=1",
      "trainer.max_staleness"),
     ("trainer.max_staleness=1 trainer.device=cuda", "trainer.max_staleness"),
+    # full-parameter RL keeps no frozen base (the reference) and has no adapter to send
+    ("trainer.full_parameter=true algorithm.kl_coef=0.01", "algorithm.kl_coef"),
+    ("trainer.full_parameter=true algorithm.track_reference_kl=true", "algorithm.kl_coef"),
 ])
 def test_invalid_values_name_their_field(base, override, field):
     with pytest.raises(ConfigError) as err:

@@ -112,6 +112,17 @@ def test_resume_allows_safe_changes_and_names_the_unsafe_one(tmp_path):
         open_run_dir(_with(trainer__lr=0.01), run_dir, "auto", "refuse")
 
 
+def test_a_full_parameter_run_resumes_on_its_own_layout_only():
+    """Its checkpoint holds the fleet's own shards of every weight (parallel.full_state)."""
+    check_resume_compatible(CONFIG, {**_with(trainer__train_world_size=4), "parallel": {"ep": 4}})
+    full = _with(trainer__full_parameter=True)
+    check_resume_compatible(full, {**full, "trainer": {**full["trainer"], "steps": 99}})
+    with pytest.raises(ConfigError, match=r"^trainer.train_world_size=4: .*a full-parameter run keeps its layout"):
+        check_resume_compatible(full, {**full, "trainer": {**full["trainer"], "train_world_size": 4}})
+    with pytest.raises(ConfigError, match=r"^parallel.ep=4: "):
+        check_resume_compatible(full, {**full, "parallel": {"ep": 4}})
+
+
 def test_resume_compatibility_covers_added_and_removed_fields():
     check_resume_compatible(CONFIG, _with(trainer__steps=99))
     with pytest.raises(ConfigError, match=r"^algorithm.kl_coef="):

@@ -74,6 +74,9 @@ def run_sweep(jobs: list[Job], compose: Callable[[list[str]], dict], log=print) 
         if cfg.trainer.max_staleness:
             raise ConfigError("trainer.max_staleness", cfg.trainer.max_staleness, "must be 0 in a sweep: its "
                               "experiments take turns on shared engines, so none can generate ahead")
+        if cfg.trainer.full_parameter:
+            raise ConfigError("trainer.full_parameter", True, "must be false in a sweep (--multirun): its "
+                              "experiments are adapters on one shared, frozen base")
     first = f"job {jobs[0].number} ({' '.join(jobs[0].overrides) or 'no overrides'})"
     for cfg, _ in configs[1:]:
         check_shareable(flatten(configs[0][0].to_dict()), flatten(cfg.to_dict()), first)

@@ -131,7 +131,7 @@ class Experiment:
         adapter_dir = self.run_dir / "adapter"
         self.fleets.training.export_peft_adapter(str(adapter_dir), self.adapter)
         self._finish_tracker()
-        summary = summarize(self.tracker.rows(), self.run_dir, adapter_dir, self.tracker)
+        summary = summarize(self.tracker.rows(), self.run_dir, ("adapter", adapter_dir), self.tracker)
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
