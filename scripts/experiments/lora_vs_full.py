@@ -52,7 +52,7 @@ def footprint(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = claim_parser(__doc__, "docs/results/lora_vs_full.json")
-    parser.add_argument("--full-lrs", type=float, nargs="+", default=[1e-4, 3e-5])
+    parser.add_argument("--full-lrs", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4, 3e-5])
     args = parser.parse_args()
     settings = {LORA: ["trainer.lr=1e-3"],
                 **{f"full, lr {lr:g}": ["trainer.full_parameter=true", f"trainer.lr={lr}"] for lr in args.full_lrs}}
