@@ -46,8 +46,8 @@ resume). Reference log-probs for a KL penalty are the base model's:
 from __future__ import annotations
 
 import contextlib
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import partial
 
