@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -71,6 +72,17 @@ def evaluate_arithmetic(operands: list[int], operators: list[str]) -> int:
         else:
             total, sign, term = total + sign * term, (1 if operator == "+" else -1), operand
     return total + sign * term
+
+
+def carry_slip_answer(prompt: str) -> str | None:
+    """The answer to a two-operand sum with the units column's carry dropped, the classic
+    column-addition slip ("38+45=" -> "73"); None when that column does not carry or the
+    prompt is not such a sum."""
+    match = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
+    if match is None:
+        return None
+    a, b = int(match[1]), int(match[2])
+    return str(a + b - 10) if a % 10 + b % 10 >= 10 else None
 
 
 def split_of(prompt: str) -> str:

@@ -56,7 +56,7 @@ RSS_INTERVAL_S = 0.5
 # and TRL's advantage epsilon (1e-4, fixed in TRL) instead of trillora's 1e-6.
 TRILLORA_OVERRIDES = ["trainer.eval_every=1000000", "trainer.checkpoint_every=1000000", "trainer.resume=never",
                       "trainer.if_run_dir_exists=overwrite", "logger.wandb_mode=disabled",
-                      "algorithm.advantage_eps=1e-4"]
+                      "algorithm.advantage_eps=1e-4", "model=tiny_moe_noisy"]  # the base the README's figures had
 # The comparison's default step: on-policy (one epoch, one mini-batch of all 16 prompts), as TRL's
 # GRPOTrainer runs by default; both sides then skip the separate old-log-prob forward. Hydra
 # overrides on the command line come after these and win.

@@ -9,7 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
-from scripts.bench_async import summarize
+from scripts.bench_async import MEASURED_BASE, summarize
 from scripts.bench_grpo_step import REPO, run_job
 
 
@@ -41,12 +41,12 @@ def samples_per_step(overrides: list[str]) -> int:
 def run_settings(prefix: str, settings: dict[str, list[str]], seeds: list[int], steps: int,
                  overrides: list[str]) -> list[dict]:
     """One main-job run per seed and setting (seed-major, so a cut-short sweep has every
-    setting on the first seeds), all on the SFT base of ``model.sft_seed=0``, evaluated at the
-    start and the end. Each run: its curve, held-out accuracy and gains."""
+    setting on the first seeds), all on the SFT base of ``model.sft_seed=0`` (``MEASURED_BASE``),
+    evaluated at the start and the end. Each run: its curve, held-out accuracy and gains."""
     runs = []
     for seed in seeds:
         for name, setting in settings.items():
-            job = [f"trainer.steps={steps}", f"trainer.eval_every={steps}", "model.sft_seed=0",
+            job = [f"trainer.steps={steps}", f"trainer.eval_every={steps}", *MEASURED_BASE, "model.sft_seed=0",
                    f"trainer.seed={seed}", *overrides, *setting]
             run_name = f"{prefix}-{len(runs)}"
             rows = run_job(run_name, job)

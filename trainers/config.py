@@ -25,6 +25,7 @@ from parallel.device import DEVICES, DTYPES, Backend
 from parallel.lora import LoraConfig
 from parallel.topology import ParallelConfig, validate_layout
 from rlcore.config import GROUP_RELATIVE_ESTIMATORS, AlgorithmConfig
+from rlcore.tasks import DIFFICULTY_LEVELS
 from rlcore.validation import ConfigError, check_choice, check_int, check_range, reject_non_finite
 from rollout.config import RolloutConfig, check_engine_for_model
 from trainers.experiments.config import SweepConfig
@@ -60,6 +61,10 @@ class ModelConfig:
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
     sft_label_noise: float = 0.0
+    # The share of training sums whose units-column carry is dropped
+    # (rlcore.tasks.carry_slip_answer): above 0.5 the base is confidently wrong on those
+    # problems, so greedy decoding has headroom too (trainers.sft).
+    sft_carry_slip: float = 0.0
     sft_seed: int | None = None  # a sweep over trainer.seed sets it: its experiments share one base
     cache_dir: str = "outputs/cache"
 
@@ -78,6 +83,7 @@ class ModelConfig:
         check_range("model.sft_lr", self.sft_lr, gt=0)
         check_int("model.sft_batch_size", self.sft_batch_size, ge=1)
         check_range("model.sft_label_noise", self.sft_label_noise, ge=0, lt=1)
+        check_range("model.sft_carry_slip", self.sft_carry_slip, ge=0, lt=1)
         if self.sft_seed is not None:
             check_int("model.sft_seed", self.sft_seed, ge=0)
 
@@ -112,7 +118,7 @@ OLD_LOGPROBS = ("auto", "always")
 class TrainerConfig:
     """The RL loop: sizes of a step, the optimizer, evaluation, checkpoints, placement, safety."""
 
-    steps: int = 100
+    steps: int = 200
     prompts_per_step: int = 32
     samples_per_prompt: int = 8
     ppo_epochs: int = 2
@@ -134,6 +140,9 @@ class TrainerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 10
+    # Completions per held-out prompt behind the sampled accuracy (greedy takes one):
+    # trainers.evaluation.
+    eval_samples: int = 8
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     seed: int = 0
@@ -166,7 +175,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs",
-                     "mini_batch_prompts", "micro_batch_size", "eval_every", "checkpoint_every",
+                     "mini_batch_prompts", "micro_batch_size", "eval_every", "eval_samples", "checkpoint_every",
                      "keep_checkpoints", "train_world_size", "reward_workers", "max_skipped_steps"):
             check_int(f"trainer.{name}", getattr(self, name), ge=1)
         check_int("trainer.seed", self.seed, ge=0)
@@ -286,6 +295,7 @@ def validate_run(cfg: RunConfig, base_dir: Path) -> RunConfig:
     _check_family_against_trainer(cfg)
     _check_asynchronous(cfg)
     _check_full_parameter(cfg)
+    _check_carry_slip(cfg)
     hf_config = AutoConfig.from_pretrained(base_dir)
     try:
         validate_layout(cfg.parallel, cfg.trainer.train_world_size, get_arch(hf_config).model_dims(hf_config))
@@ -310,6 +320,17 @@ def _check_asynchronous(cfg: RunConfig) -> None:
     if t.device == "cuda" and t.placement == "colocated":
         raise ConfigError("trainer.max_staleness", t.max_staleness, "must be 0 with trainer.placement='colocated' "
                           "on cuda: generation overlaps the update only on separate GPUs (placement=separate)")
+
+
+def _check_carry_slip(cfg: RunConfig) -> None:
+    """A carry slip exists only in two-operand sums (rlcore.tasks.carry_slip_answer)."""
+    if not cfg.model.sft_carry_slip:
+        return
+    shape = DIFFICULTY_LEVELS[cfg.task.difficulty] if cfg.task.name == "arithmetic" else None
+    if shape is None or shape.num_operands != 2 or "+" not in shape.operators:
+        raise ConfigError("model.sft_carry_slip", cfg.model.sft_carry_slip,
+                          "must be 0 unless task.name=arithmetic with a two-operand task.difficulty "
+                          "that has sums (1 or 2): other problems have no carry slip")
 
 
 def _check_full_parameter(cfg: RunConfig) -> None:

@@ -80,7 +80,7 @@ class Fleets:
         """Held-out accuracy of the policy the engines hold (``trainers.evaluation``)."""
         t = cfg.trainer
         return self.recover(lambda: evaluate(self.rollout, tokenizer, heldout, cfg.rollout.sampling, reward_fn,
-                                             t.seed, t.reward_timeout_s, t.reward_workers))
+                                             t.seed, t.reward_timeout_s, t.reward_workers, t.eval_samples))
 
     def shutdown(self) -> None:
         self.sync.close()

@@ -9,6 +9,10 @@ everything that determines the result, so a later run with the same settings reu
 ``sft_label_noise`` replaces that share of training answers with a near miss (off by 1 or
 10): the model then puts real probability on wrong answers next to the right one, the
 "pass@k > pass@1" regime in which RL with a verifier has headroom, as with real LLMs.
+``sft_carry_slip`` teaches a systematic misconception instead: that share of the sums
+whose units column carries drops the carry. Above one half the base is confidently wrong
+on those problems (greedy decoding too) yet samples the right answer often enough for a
+verifier to reward it: headroom for greedy and sampled accuracy alike.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 from rlcore.objective import NLLObjective, add_batch_normalisers
-from rlcore.tasks import Problem, arithmetic_problems
+from rlcore.tasks import Problem, arithmetic_problems, carry_slip_answer
 from rollout.seeding import spread_seed
 from trainers.config import RunConfig
 from trainers.grpo import NonFiniteTraining
@@ -42,7 +46,7 @@ def sft_seed(cfg: RunConfig) -> int:
 def sft_cache_dir(cfg: RunConfig, base_dir: Path) -> Path:
     key = json.dumps({"base": str(base_dir.resolve()), "tiny": asdict(cfg.model.tiny) if cfg.model.tiny else None, "steps": cfg.model.sft_steps,
                       "lr": cfg.model.sft_lr, "batch": cfg.model.sft_batch_size,
-                      "noise": cfg.model.sft_label_noise, "task": asdict(cfg.task),
+                      "noise": cfg.model.sft_label_noise, "slip": cfg.model.sft_carry_slip, "task": asdict(cfg.task),
                       "seed": sft_seed(cfg)}, sort_keys=True)
     return Path(cfg.model.cache_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -55,18 +59,25 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def noisy_answer(answer: str, rng: random.Random, noise: float) -> str:
+def training_answer(problem: Problem, rng: random.Random, noise: float, slip: float) -> str:
+    """The answer SFT teaches: the carry slip (share ``slip`` of the problems that have one),
+    else a near miss (share ``noise``), else the right one. No draw is made for a zero share,
+    so a base made without one is the same as before it existed."""
+    slipped = carry_slip_answer(problem.prompt) if slip > 0 else None
+    if slipped is not None and rng.random() < slip:
+        return slipped
     if noise <= 0 or rng.random() >= noise:
-        return answer
-    return str(int(answer) + rng.choice((-10, -1, 1, 10)))
+        return problem.answer
+    return str(int(problem.answer) + rng.choice((-10, -1, 1, 10)))
 
 
-def sft_batch(problems: list[Problem], tokenizer, rng: random.Random, noise: float) -> dict[str, torch.Tensor]:
+def sft_batch(problems: list[Problem], tokenizer, rng: random.Random, noise: float,
+              slip: float = 0.0) -> dict[str, torch.Tensor]:
     """prompt + answer + EOS per row, right-padded; the loss covers answer and EOS."""
     rows = []
     for p in problems:
         prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(noisy_answer(p.answer, rng, noise), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(training_answer(p, rng, noise, slip), add_special_tokens=False)["input_ids"]
         rows.append((prompt, answer + [tokenizer.eos_token_id]))
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -101,7 +112,8 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callabl
         for step in bar:
             problems = arithmetic_problems(batch_size, seed=spread_seed(seed, SFT_SEED_TAG, step),
                                            split="train", difficulty=cfg.task.difficulty)
-            batch = add_batch_normalisers(sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise))
+            batch = add_batch_normalisers(sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise,
+                                                            cfg.model.sft_carry_slip))
             metrics = fleet.forward_backward(batch, NLLObjective())
             optim = fleet.optim_step(lr_at(step, steps, cfg.model.sft_lr), grad_clip=1.0)
             skipped_in_a_row = skipped_in_a_row + 1 if optim["skipped"] else 0

@@ -14,6 +14,7 @@ from rlcore.tasks import (
     ArithmeticDifficulty,
     Problem,
     arithmetic_problems,
+    carry_slip_answer,
     load_prompt_jsonl,
 )
 from rlcore.validation import ConfigError
@@ -43,6 +44,26 @@ def test_answers_are_python_arithmetic(level: int) -> None:
     for problem in arithmetic_problems(200, seed=1, difficulty=level):
         assert problem.prompt.endswith("=")
         assert problem.answer == str(eval(problem.prompt[:-1]))  # noqa: S307 - digits and +-* only
+
+
+@pytest.mark.parametrize("prompt, slipped", [
+    ("38+45=", "73"), ("9+9=", "8"), ("95+5=", "90"),  # 8+5, 9+9, 5+5 carry
+    ("31+45=", None), ("52-17=", None), ("2*3=", None), ("1+2+3=", None), ("x+1=", None),
+])
+def test_carry_slip_drops_the_units_carry(prompt: str, slipped: str | None) -> None:
+    assert carry_slip_answer(prompt) == slipped
+
+
+def test_carry_slip_is_the_column_sum_without_its_carry() -> None:
+    """Against digit-by-digit column addition that never carries out of the units column."""
+    for problem in arithmetic_problems(500, seed=0, difficulty=2):
+        if "+" not in problem.prompt:
+            assert carry_slip_answer(problem.prompt) is None
+            continue
+        a, b = (int(x) for x in _operand_strings(problem.prompt))
+        column_sum = (a // 10 + b // 10) * 10 + (a % 10 + b % 10) % 10
+        expected = None if column_sum == a + b else str(column_sum)
+        assert carry_slip_answer(problem.prompt) == expected, problem
 
 
 def test_difficulty_sets_operands_digits_and_operators() -> None:
