@@ -45,7 +45,7 @@ def test_one_definition_per_field():
     cfg = typed()
     assert cfg.trainer == TrainerConfig()
     assert cfg.algorithm == AlgorithmConfig()
-    assert (cfg.trainer.steps, cfg.trainer.ppo_epochs) == (100, 2)
+    assert (cfg.trainer.steps, cfg.trainer.ppo_epochs) == (200, 2)
 
 
 def test_presets_only_override():
