@@ -100,6 +100,7 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         check_choice("task.name", self.name, ("arithmetic", "jsonl"))
+        check_choice("task.difficulty", self.difficulty, tuple(DIFFICULTY_LEVELS))
         if self.name == "jsonl":
             for key in ("train_jsonl", "heldout_jsonl"):
                 path = getattr(self, key)

@@ -97,6 +97,7 @@ def test_presets_only_override():
     # the carry slip is a misconception about two-operand sums and differences only
     ("model.sft_carry_slip=1.0", "model.sft_carry_slip"),
     ("model.sft_carry_slip=0.6 task.difficulty=3", "model.sft_carry_slip"),
+    ("task.difficulty=9", "task.difficulty"),
 ])
 def test_invalid_values_name_their_field(base, override, field):
     with pytest.raises(ConfigError) as err:
