@@ -44,9 +44,11 @@ def sft_seed(cfg: RunConfig) -> int:
 
 
 def sft_cache_dir(cfg: RunConfig, base_dir: Path) -> Path:
-    key = json.dumps({"base": str(base_dir.resolve()), "tiny": asdict(cfg.model.tiny) if cfg.model.tiny else None, "steps": cfg.model.sft_steps,
+    """The slip enters the key only when set, so bases cached before it existed are still found."""
+    slip = {"slip": cfg.model.sft_carry_slip} if cfg.model.sft_carry_slip else {}
+    key = json.dumps({**slip, "base": str(base_dir.resolve()), "tiny": asdict(cfg.model.tiny) if cfg.model.tiny else None, "steps": cfg.model.sft_steps,
                       "lr": cfg.model.sft_lr, "batch": cfg.model.sft_batch_size,
-                      "noise": cfg.model.sft_label_noise, "slip": cfg.model.sft_carry_slip, "task": asdict(cfg.task),
+                      "noise": cfg.model.sft_label_noise, "task": asdict(cfg.task),
                       "seed": sft_seed(cfg)}, sort_keys=True)
     return Path(cfg.model.cache_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -72,7 +74,7 @@ def training_answer(problem: Problem, rng: random.Random, noise: float, slip: fl
 
 
 def sft_batch(problems: list[Problem], tokenizer, rng: random.Random, noise: float,
-              slip: float = 0.0) -> dict[str, torch.Tensor]:
+              slip: float) -> dict[str, torch.Tensor]:
     """prompt + answer + EOS per row, right-padded; the loss covers answer and EOS."""
     rows = []
     for p in problems:
@@ -113,7 +115,7 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callabl
             problems = arithmetic_problems(batch_size, seed=spread_seed(seed, SFT_SEED_TAG, step),
                                            split="train", difficulty=cfg.task.difficulty)
             batch = add_batch_normalisers(sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise,
-                                                            cfg.model.sft_carry_slip))
+                                                    cfg.model.sft_carry_slip))
             metrics = fleet.forward_backward(batch, NLLObjective())
             optim = fleet.optim_step(lr_at(step, steps, cfg.model.sft_lr), grad_clip=1.0)
             skipped_in_a_row = skipped_in_a_row + 1 if optim["skipped"] else 0

@@ -94,7 +94,7 @@ def test_presets_only_override():
     # full-parameter RL keeps no frozen base (the reference) and has no adapter to send
     ("trainer.full_parameter=true algorithm.kl_coef=0.01", "algorithm.kl_coef"),
     ("trainer.full_parameter=true algorithm.track_reference_kl=true", "algorithm.kl_coef"),
-    # the carry slip is a misconception about two-operand sums and differences only
+    # the carry slip is a misconception about two-operand sums only; difficulty names a level
     ("model.sft_carry_slip=1.0", "model.sft_carry_slip"),
     ("model.sft_carry_slip=0.6 task.difficulty=3", "model.sft_carry_slip"),
     ("task.difficulty=9", "task.difficulty"),

@@ -9,9 +9,9 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
+from rlcore.tasks import arithmetic_problems, carry_slip_answer
 from trainers.config import compose_tree, load_run_config
 from trainers.grpo import NonFiniteTraining
-from rlcore.tasks import arithmetic_problems, carry_slip_answer
 from trainers.sft import finetune_base, sft_cache_dir, training_answer
 
 
