@@ -79,10 +79,14 @@ class TrainingEngine:
     """A megatron-core model shard with log-probs, forward/backward and an AdamW step."""
 
     def __init__(self, hf_model_dir: str, parallel: ParallelConfig, lora=None, seed: int = 0,
-                 micro_batch_size: int = 1, train_base: bool = False, backend: Backend = Backend()):
+                 micro_batch_size: int = 1, train_base: bool = False, backend: Backend = Backend(),
+                 logit_bias: dict[int, float] | None = None):
         """``lora``: the default adapter (``DEFAULT_ADAPTER``); more come with ``add_adapter``.
         ``train_base``: train every weight of the model instead (full fine-tuning, no LoRA).
-        ``backend``: device, collectives and the base's dtype (``parallel.device``)."""
+        ``backend``: device, collectives and the base's dtype (``parallel.device``).
+        ``logit_bias``: token id -> a constant added to its logit in every forward (not a
+        weight: checkpoints and exports leave it out), e.g. ``ln n`` on one row that stands
+        for n tokens sharing its weights."""
         from megatron.core import parallel_state as ps
         from transformers import AutoConfig
 
@@ -100,6 +104,8 @@ class TrainingEngine:
         self.model = build_model(self.arch, self.hf_config, parallel, backend)
         # Sum semantics: megatron's schedule must not divide a loss by token or micro-batch counts.
         self.model.config.calculate_per_token_loss = True
+        if logit_bias:
+            self._add_logit_bias(logit_bias)
         load_hf_checkpoint(self.model, hf_model_dir, self.arch, self.hf_config)
         # What trains, by adapter name: each adapter's factors with its own AdamW, or with
         # train_base every weight of the model under DEFAULT_ADAPTER (full fine-tuning).
@@ -203,6 +209,23 @@ class TrainingEngine:
                 continue
             lo = int(used[0]) if "target_ids" in mb.data else max(0, int(used[0]) - 1)
             mb.window = (lo, min(seq_len, int(used[-1]) + 1))
+
+    def _add_logit_bias(self, logit_bias: dict[int, float]) -> None:
+        """Adds ``logit_bias`` to this rank's vocabulary slice of the logits (last stage)."""
+        from megatron.core import parallel_state as ps
+
+        layer = getattr(self.model, "output_layer", None)
+        if layer is None:
+            return
+        width = layer.weight.shape[0]  # this TP rank's rows of the (padded) vocabulary
+        start = ps.get_tensor_model_parallel_rank() * width
+        bias = torch.zeros(width, device=self.device)
+        for token, value in logit_bias.items():
+            if not 0 <= token < width * self.parallel.tp:
+                raise ValueError(f"logit_bias: token id {token} is outside the vocabulary (0..{width * self.parallel.tp - 1})")
+            if start <= token < start + width:
+                bias[token - start] = value
+        layer.register_forward_hook(lambda _, args, out: (out[0] + bias.to(out[0].dtype), *out[1:]))
 
     @contextlib.contextmanager
     def _logits_only_in(self, window: tuple[int, int] | None):

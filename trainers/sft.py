@@ -81,8 +81,13 @@ def sft_batch(problems: list[Problem], tokenizer, rng: random.Random, noise: flo
         prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
         answer = tokenizer(training_answer(p, rng, noise, slip), add_special_tokens=False)["input_ids"]
         rows.append((prompt, answer + [tokenizer.eos_token_id]))
+    return packed_batch(rows, tokenizer.pad_token_id)
+
+
+def packed_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, target ids) rows, right-padded; the loss covers the targets."""
     width = max(len(a) + len(b) for a, b in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (prompt, target) in enumerate(rows):
@@ -107,29 +112,39 @@ def finetune_base(cfg: RunConfig, base_dir: Path, tokenizer, make_fleet: Callabl
                              backend=cfg.backend)
     fleet = make_fleet(spec)
     rng = random.Random(spread_seed(seed, SFT_SEED_TAG))
-    skipped_in_a_row = 0
-    from tqdm import tqdm
 
-    with tqdm(range(steps), desc="SFT of the base model", unit="step", mininterval=5) as bar:
-        for step in bar:
-            problems = arithmetic_problems(batch_size, seed=spread_seed(seed, SFT_SEED_TAG, step),
-                                           split="train", difficulty=cfg.task.difficulty)
-            batch = add_batch_normalisers(sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise,
-                                                    cfg.model.sft_carry_slip))
-            metrics = fleet.forward_backward(batch, NLLObjective())
-            optim = fleet.optim_step(lr_at(step, steps, cfg.model.sft_lr), grad_clip=1.0)
-            skipped_in_a_row = skipped_in_a_row + 1 if optim["skipped"] else 0
-            if skipped_in_a_row >= cfg.trainer.max_skipped_steps:  # the fleet kept the weights as they were
-                fleet.shutdown()
-                raise NonFiniteTraining(step, f"SFT of the base model: {skipped_in_a_row} optimizer steps in a row "
-                                              f"were skipped (non-finite loss {metrics['loss/nll']} or gradient norm "
-                                              f"{optim['grad_norm']}); nothing was written")
-            bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}", refresh=False)
+    def batch_at(step: int) -> dict[str, torch.Tensor]:
+        problems = arithmetic_problems(batch_size, seed=spread_seed(seed, SFT_SEED_TAG, step),
+                                       split="train", difficulty=cfg.task.difficulty)
+        return sft_batch(problems, tokenizer, rng, cfg.model.sft_label_noise, cfg.model.sft_carry_slip)
+
+    supervised_steps(fleet, batch_at, steps, cfg.model.sft_lr, cfg.trainer.max_skipped_steps)
     state = fleet.export_hf_state_dict()
     fleet.shutdown()
     write_hf_checkpoint(state, base_dir, out)
     log(f"SFT base model: written to {out}")
     return out
+
+
+def supervised_steps(fleet: TrainingFleet, batch_at: Callable[[int], dict[str, torch.Tensor]], steps: int,
+                     peak_lr: float, max_skipped: int, desc: str = "SFT of the base model") -> None:
+    """``steps`` steps of token-mean cross entropy on ``batch_at(step)`` (``lr_at``'s schedule,
+    gradients clipped at 1); shuts the fleet down and raises after ``max_skipped`` optimizer
+    steps in a row were skipped as non-finite (the fleet kept the weights as they were)."""
+    from tqdm import tqdm
+
+    skipped_in_a_row = 0
+    with tqdm(range(steps), desc=desc, unit="step", mininterval=5) as bar:
+        for step in bar:
+            metrics = fleet.forward_backward(add_batch_normalisers(batch_at(step)), NLLObjective())
+            optim = fleet.optim_step(lr_at(step, steps, peak_lr), grad_clip=1.0)
+            skipped_in_a_row = skipped_in_a_row + 1 if optim["skipped"] else 0
+            if skipped_in_a_row >= max_skipped:
+                fleet.shutdown()
+                raise NonFiniteTraining(step, f"{desc}: {skipped_in_a_row} optimizer steps in a row were skipped "
+                                              f"(non-finite loss {metrics['loss/nll']} or gradient norm "
+                                              f"{optim['grad_norm']}); nothing was written")
+            bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}", refresh=False)
 
 
 def write_hf_checkpoint(state: dict[str, torch.Tensor], base_dir: Path, out: Path) -> None:

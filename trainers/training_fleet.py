@@ -42,6 +42,7 @@ class TrainingFleetSpec:
     seed: int
     train_base: bool = False  # full fine-tuning (the demo's SFT), no LoRA
     backend: Backend = Backend()  # device, collectives, the base's dtype (parallel.device)
+    logit_bias: dict[int, float] | None = None  # token id -> constant added to its logit (parallel.engine)
 
 
 class TrainingRank:
@@ -83,7 +84,7 @@ class TrainingRank:
         self._sync_blocks.clear()
         self.engine = TrainingEngine(spec.model_dir, spec.parallel, spec.lora, seed=spec.seed,
                                      micro_batch_size=spec.micro_batch_size, train_base=spec.train_base,
-                                     backend=spec.backend)
+                                     backend=spec.backend, logit_bias=spec.logit_bias)
         self.spec = spec
         return os.getpid()
 

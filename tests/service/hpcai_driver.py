@@ -26,7 +26,9 @@ import torch
 from hpcai import types
 
 TOKENS = list(range(1000, 1040))
-PROMPT = TOKENS[:6]
+# The recipe's question as the qwen3 renderer writes it ("What is 12 + 34?"): the served base,
+# fine-tuned on such prompts, answers in a few tokens ending in <|im_end|>.
+PROMPT = [151644, 872, 198, 3838, 374, 220, 16, 17, 488, 220, 18, 19, 30, 151645, 198, 151644, 77091, 198]
 
 
 def datum(offset: int = 0, n: int = 24, tokens: list[int] | None = None, **inputs) -> types.Datum:

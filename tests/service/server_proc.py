@@ -28,9 +28,10 @@ URL = re.compile(r"http://127\.0\.0\.1:(\d+)")
 def build_base(folder: Path) -> tuple[Path, Path]:
     """(checkpoint dir, HF_HOME) with the tokenizer filed under ``SERVED`` and ``HPCAI_SERVED``."""
     from parallel.arch.qwen3_vocab import install_tokenizer_alias
-    from trainers.service.tiny_base import build_tiny_base
 
-    model = build_tiny_base(folder / "tiny-qwen3-moe")
+    model = folder / "tiny-qwen3-moe"  # built in its own process: Ray stays out of pytest's
+    subprocess.run([PYTHON, "-m", "trainers.service.arithmetic_base", str(model)], cwd=ROOT, check=True,
+                   timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
     hf_home = folder / "hf_home"
     for name in (SERVED, HPCAI_SERVED):
         install_tokenizer_alias(model, name, hf_home)

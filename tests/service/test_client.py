@@ -21,6 +21,9 @@ from tests.service.server_proc import SERVED
 
 pytestmark = pytest.mark.slow  # about 3.5 minutes on 2 cores
 TOKENS = list(range(1000, 1040))
+# The recipe's question as the qwen3 renderer writes it ("What is 12 + 34?"): the served base,
+# fine-tuned on such prompts, answers in a few tokens ending in <|im_end|>.
+PROMPT = [151644, 872, 198, 3838, 374, 220, 16, 17, 488, 220, 18, 19, 30, 151645, 198, 151644, 77091, 198]
 
 
 def datum(offset: int = 0, n: int = 24, weights=None, **extra) -> types.Datum:
@@ -107,16 +110,18 @@ def test_sampling_logprobs_match_compute_logprobs(service):
     tc.forward_backward([datum()], "cross_entropy").result()
     tc.optim_step(adam()).result()
     sampler = tc.save_weights_and_get_sampling_client()
-    prompt = types.ModelInput.from_ints(TOKENS[:6])
+    prompt = types.ModelInput.from_ints(PROMPT)
     res = sampler.sample(prompt, 3, types.SamplingParams(max_tokens=6, seed=5, temperature=1.0)).result()
     again = sampler.sample(prompt, 3, types.SamplingParams(max_tokens=6, seed=5, temperature=1.0)).result()
     assert [s.tokens for s in res.sequences] == [s.tokens for s in again.sequences]
     for seq in res.sequences:
-        full = sampler.compute_logprobs(types.ModelInput.from_ints(TOKENS[:6] + list(seq.tokens))).result()
-        assert np.abs(np.array(full[6:]) - np.array(seq.logprobs)).max() <= 1e-4
+        full = sampler.compute_logprobs(types.ModelInput.from_ints(PROMPT + list(seq.tokens))).result()
+        assert np.abs(np.array(full[len(PROMPT):]) - np.array(seq.logprobs)).max() <= 1e-4
     stopped = sampler.sample(prompt, 3, types.SamplingParams(max_tokens=8, seed=5,
                                                              stop=[res.sequences[0].tokens[1]])).result()
-    assert stopped.sequences[0].stop_reason == "stop" and len(stopped.sequences[0].tokens) == 2
+    first = res.sequences[0].tokens
+    assert stopped.sequences[0].stop_reason == "stop"
+    assert stopped.sequences[0].tokens == first[:first.index(first[1]) + 1]  # up to the stop token's first occurrence
     named = tc.save_weights_for_sampler("named").result().path
     by_path = service.create_sampling_client(model_path=named)
     assert by_path.get_base_model() == SERVED
@@ -124,7 +129,7 @@ def test_sampling_logprobs_match_compute_logprobs(service):
     assert len(base.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result().sequences[0].tokens) == 2
     topk = base.sample(prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True,
                        topk_prompt_logprobs=3).result()
-    assert topk.prompt_logprobs[0] is None and len(topk.prompt_logprobs) == 6
+    assert topk.prompt_logprobs[0] is None and len(topk.prompt_logprobs) == len(PROMPT)
 
 
 def test_save_load_with_optimizer_continues_exactly(service):

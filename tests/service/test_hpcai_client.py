@@ -30,6 +30,11 @@ pytestmark = pytest.mark.slow
 TOKENS = list(range(1000, 1040))
 
 
+# vLLM's sampler (merged weights) against the Megatron training fleet (LoRA unmerged): fp32
+# kernels that sum in different orders; 2.6e-4 was seen on the fine-tuned served base.
+ENGINES_ATOL = 1e-3
+
+
 def gap(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
@@ -74,11 +79,12 @@ def test_sampling(calls):
     got, _ = calls
     s, n = got["sample"], got["sample"]["prompt_len"]
     assert s["tokens"] == s["again"] and len(s["tokens"]) == 3
-    assert gap(s["logprobs"], s["training"][n - 1:]) <= 1e-4  # the sampler's against the training client's
+    assert gap(s["logprobs"], s["training"][n - 1:]) <= ENGINES_ATOL  # the sampler's against the training client's
     assert s["computed"][0] is None and gap(s["logprobs"], s["computed"][n:]) <= 1e-4
-    assert s["stop"] == ["stop", s["tokens"][0][:2]]
+    first = s["tokens"][0]
+    assert s["stop"] == ["stop", first[:first.index(first[1]) + 1]]  # up to the stop token's first occurrence
     over = got["overwrite"]  # "current" saved again: the same sampling client samples the newest weights
-    assert gap(over["after"][1:], over["training"]) <= 1e-4 and gap(over["before"][1:], over["after"][1:]) > 1e-2
+    assert gap(over["after"][1:], over["training"]) <= ENGINES_ATOL and gap(over["before"][1:], over["after"][1:]) > 1e-2
     assert got["samplers"] == [2, 2, 2]
 
 
@@ -100,7 +106,8 @@ def test_rest_and_async(calls):
     assert got["wrapped"] == tc and got["unload"] == tc
     done = got["async"]
     assert done["models"] == [HPCAI_SERVED] and done["rank"] == 2 and done["fwd"] == 24
-    assert (done["sample"], done["computed"], done["runs"], done["listed"]) == (2, 6, True, 2)
+    prompt_len = got["sample"]["prompt_len"]
+    assert (done["sample"], done["computed"], done["runs"], done["listed"]) == (2, prompt_len, True, 2)
     assert done["archives"][0] > 0 and done["archives"][1]
     assert done["run"] == [done["model"]] * 2 and done["left"] == [] and done["unloaded"]
     assert done["resumed"].startswith("hpcai-")

@@ -97,7 +97,8 @@ class _BaseFleets:
         engine = EngineConfig(model=path, device=opts.device, dtype=opts.engine_dtype,
                               kv_cache_gib=opts.kv_cache_gib if opts.device == "cpu" else None,
                               max_model_len=min(self.max_positions, opts.max_model_len))
-        self.rollout = fleets.rollout(RolloutConfig(engine=engine, engines=opts.engines))
+        self.rollout = fleets.rollout(RolloutConfig(engine=engine, engines=opts.engines,
+                                                    sync_bucket_mb=opts.sync_bucket_mb))
         self.sync = fleets.sync(self.rollout)
         self.loaded: str | None = BASE_WEIGHTS  # what the engines hold: a sampler directory or the base
         self.scratch: dict[str, str] = {}  # adapter shape -> the scratch adapter samplers load into
@@ -126,6 +127,7 @@ class FleetOptions:
     kv_cache_gib: float = 0.5
     max_model_len: int = 4096
     max_lora_rank: int = 128
+    sync_bucket_mb: int = 256  # at least the largest tensor: Qwen3's embedding is 151,936 rows
     seed: int = 0
 
 

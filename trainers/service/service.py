@@ -64,11 +64,11 @@ class Notifier:
 
 def resolve_base_models(cfg: ServiceConfig) -> dict[str, str]:
     """Served name -> checkpoint directory, building the embedded tiny model if named."""
-    from trainers.service.tiny_base import build_tiny_base
+    from trainers.service.arithmetic_base import build_embedded_base
 
     out = {}
     for name, path in cfg.served_models.items():
-        out[name] = str(build_tiny_base(Path(cfg.state_dir) / "base" / name.replace("/", "--"))) if path == TINY else path
+        out[name] = str(build_embedded_base(Path(cfg.state_dir) / "base" / name.replace("/", "--"))) if path == TINY else path
     return out
 
 
