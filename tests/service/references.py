@@ -10,15 +10,19 @@ import torch
 
 
 def peft_logprobs(base_dir: Path, adapter_dir: Path, tokens: list[int]) -> np.ndarray:
-    """log p(tokens[i+1] | tokens[:i+1]) under the base with the PEFT adapter."""
+    """log p(tokens[i+1] | tokens[:i+1]) under the base with the PEFT adapter.
+
+    The model runs in fp32; the log-softmax runs in fp64. The served base's 151,915 unused ids
+    share one row, and torch's fp32 log-softmax over them is off by 4e-5 (Megatron's
+    vocab-parallel one by 2e-6), which would make the reference the less exact side."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                                       str(adapter_dir)).eval()
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([tokens[:-1]])).logits[0].float(), -1)
-    return logp.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0].double().numpy()
+        logp = torch.log_softmax(model(input_ids=torch.tensor([tokens[:-1]])).logits[0].double(), -1)
+    return logp.gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0].numpy()
 
 
 def loss_formula(name: str, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, cfg: dict) -> torch.Tensor:
