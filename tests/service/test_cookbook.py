@@ -27,10 +27,9 @@ def _metrics(log_path) -> list[dict]:
 
 def test_math_rl_arithmetic(server, base_model, tmp_path):
     """10 steps of 32 problems x 4 samples teach the served base to drop its stray trailing
-    zero (``trainers.service.arithmetic_base``): env/all/correct rises. Two runs at this
-    learning rate: 0.45 0.41 0.57 0.57 0.55 0.63 0.63 0.73 0.70 0.69 and 0.41 0.47 0.56 0.56 0.59
-    0.69 0.63 0.73 0.69 0.76 (last three minus first three: 0.23, 0.24); with 1e-9 (no learning)
-    0.55 0.40 0.50 0.41 0.54 0.41 0.45 0.38 0.49 0.42 (-0.05)."""
+    zero (``trainers.service.arithmetic_base``): env/all/correct rises. Mean of the last three
+    steps minus the first three, 6 runs at these settings: 0.18-0.24; with learning_rate=1e-9
+    (no learning), 2 runs: -0.05 and -0.01."""
     env = client_env(base_model[1], server.url, server.keys["alice"])
     log = tmp_path / "math_rl"
     _run(["tinker_cookbook.recipes.math_rl.train", f"model_name={SERVED}", "renderer_name=qwen3", "env=arithmetic",
